@@ -1,0 +1,5 @@
+import sys
+
+from megamed.cli import main
+
+sys.exit(main())
