@@ -23,6 +23,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/nvcc_check.sh
+	PY=$(BIN)/python bash csrc/cuda/check_glue.sh
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow and not gpu" --durations=15
 
 test-all: $(STAMP)
@@ -34,6 +35,7 @@ quickstart: $(STAMP)
 
 nvcc-check:
 	bash scripts/nvcc_check.sh
+	PY=$(BIN)/python bash csrc/cuda/check_glue.sh
 
 clean:
 	rm -rf build _skbuild dist *.egg-info

@@ -19,8 +19,10 @@ def _load() -> None:
         _STATUS.update(loaded=False, reason=f"disabled by {flags.NO_EXT_ENV}")
         return
     try:
+        import importlib
+
         import torch  # noqa: F401  (the extension links against libtorch)
-        from megamed import _C  # type: ignore[attr-defined]
+        _C = importlib.import_module("megamed._C")
     except ImportError as e:  # missing, or built for another torch (undefined symbols)
         _STATUS.update(loaded=False, reason=f"megamed._C not importable ({e}); reference backends serve")
         log.warning("megamed: compiled extension unavailable: %s", _STATUS["reason"])

@@ -13,8 +13,10 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 n=0
 for f in $(find kernels -name '*.cu' | sort); do
-  "$NVCC" -c -std=c++17 -O3 -arch=sm_90 -Ikernels/cuda "$f" -o "$out/$(basename "$f").o"
-  echo "nvcc-check: compiled $f for sm_90"
+  "$NVCC" -c -std=c++17 -O3 -Werror all-warnings \
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+    -Ikernels/cuda "$f" -o "$out/$(basename "$f").o"
+  echo "nvcc-check: compiled $f for sm_80 and sm_90"
   n=$((n+1))
 done
 echo "nvcc-check: $n CUDA source(s) compiled"
