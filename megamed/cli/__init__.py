@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input and known failures (FetchError, ConfigError, BackendUnavailable, ...) read as
+        # one line; --verbose shows the traceback.
+        if args.verbose:
+            raise
+        print(f"megamed {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 
