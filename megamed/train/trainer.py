@@ -1,0 +1,380 @@
+"""The training loop: `train(run_dir, model_cfg, diffusion_cfg, train_cfg, data) -> dict`.
+
+One process, CPU or one GPU. Per step:
+
+    batch      data-set indices from a per-epoch permutation keyed by (seed, epoch)
+    x0         [B, C, S, S] images in [-1, 1]
+    z, drop,   per-sample draws keyed by (seed, step, i): z [B] -> sigma [B] (lognormal, shifted
+    noise      for the resolution), drop [B] (text mask -> all False, for CFG), noise [B, C, S, S]
+    loss       Denoiser.loss(x0, noise, sigma, text_ids, text_mask) [B] -> mean
+    update     AdamW (linear warmup), grad-norm clipping, EMA (power warmup)
+
+Everything random is a function of (seed, step), and the global RNG (dropout) is reseeded
+from (seed, step) at every step, so a run resumed from a checkpoint continues bit-exactly
+on CPU: the checkpoint holds weights, EMA, optimizer + scheduler state and the data position.
+
+A non-finite loss or gradient stops training before the optimizer step with an error that
+names the step and the batch's samples; checkpoints are only written from finite states, so
+the last good one is never overwritten. SIGTERM/SIGINT finish the current step, write a
+checkpoint and return normally (interrupted=True).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megamed.train import checkpoint as ckpt
+from megamed.train import rng
+from megamed.train.config import TrainConfig, load_run_config, resume_conflicts, save_run_config
+from megamed.train.ema import ema_decay, ema_update
+from megamed.train.logging import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss or gradient norm became NaN/Inf; the message names the step and the batch."""
+
+
+class LinearWarmup:
+    """LR multiplier: (step + 1) / warmup_steps during warmup, then 1. A class (not a lambda)
+    so the scheduler's state_dict round-trips it."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        return 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
+
+
+# Fixed prompts for the sample grids: normal plus single findings, drawn with a fixed seed so
+# grids at different steps are comparable.
+SAMPLE_GRID_FINDINGS = [None, "Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation",
+                        "Edema", "Atelectasis", "Support Devices"]
+SAMPLE_GRID_SEED = 1234
+
+
+def sample_grid_prompts() -> list[str]:
+    from megamed.text.prompts import prompt_from_labels
+
+    return [prompt_from_labels({"No Finding": 1.0} if f is None else {f: 1.0}) for f in SAMPLE_GRID_FINDINGS]
+
+
+def resolve_device(name: str) -> torch.device:
+    from megamed.generate import resolve_device as _resolve
+
+    return _resolve(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _template_tokenizer():
+    from megamed.text.tokenizer import build_template_tokenizer
+
+    return build_template_tokenizer()  # deterministic BPE training (~1 s): build once per process
+
+
+def load_tokenizer(spec: str, model_cfg):
+    """'templates' -> the built-in prompt tokenizer; otherwise a saved tokenizer directory."""
+    if not model_cfg.text.enabled:
+        return None
+    from megamed.text.tokenizer import PromptTokenizer
+
+    if spec == "templates":
+        tok = _template_tokenizer()
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            raise ValueError(f"tokenizer: {spec!r} is neither 'templates' nor a saved tokenizer directory")
+        tok = PromptTokenizer.load(path)
+    vocab = getattr(tok, "vocab_size", None)
+    if model_cfg.text.kind == "transformer" and vocab is not None and vocab > model_cfg.text.vocab_size:
+        raise ValueError(f"tokenizer: vocabulary of {vocab} ids does not fit the model's text.vocab_size="
+                         f"{model_cfg.text.vocab_size}")
+    return tok
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not on biases, norms, gains, scales)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+
+
+def open_dataset(data, cfg: TrainConfig, size: int):
+    """A Dataset object is used as is; a directory is opened at `size` by megamed.data.loaders:
+    megamed's layout (metadata.csv + images/, filtered to cfg.split), a CheXpert folder, or a
+    plain image folder."""
+    if isinstance(data, (str, Path)):
+        from megamed.data.loaders import detect_kind
+        from megamed.data.loaders import open_dataset as open_data
+
+        if not Path(data).is_dir():
+            raise ValueError(f"data: {data} is not a directory (expected metadata.csv + images/)")
+        kind = detect_kind(data)
+        kw = {} if kind == "folder" else {"split": cfg.split}  # a plain folder has no splits
+        data = open_data(data, kind=kind, size=size, **kw)
+    if len(data) == 0:
+        raise ValueError(f"data: no items{f' in split {cfg.split!r}' if cfg.split else ''}")
+    return data
+
+
+def export_model(run_dir: Path, ema_model: nn.Module, tokenizer, diffusion_cfg, step: int) -> Path:
+    """RUN/model/ = EMA weights via save_pretrained (+ diffusion config, tokenizer), swapped in atomically."""
+    from megamed.models.io import save_pretrained
+    from megamed.utils.dataclass_json import to_dict
+
+    final, tmp = run_dir / "model", run_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(ema_model, tmp, tokenizer=tokenizer, extra={"diffusion": to_dict(diffusion_cfg), "step": step})
+    old = run_dir / "model.old.tmp"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_sample_grid(run_dir: Path, ema_model, diffusion_cfg, tokenizer, size: int, cfg: TrainConfig,
+                      step: int, logger: MetricsLogger) -> Path:
+    """RUN/samples/step-N.png: the fixed prompts drawn by the EMA model."""
+    from megamed.data.images import write_png16
+    from megamed.generate import SamplingConfig, make_grid, sample_images, to_unit
+
+    prompts = sample_grid_prompts()
+    seeds = [SAMPLE_GRID_SEED + i for i in range(len(prompts))]
+    scfg = SamplingConfig(steps=cfg.sample_steps, guidance=cfg.sample_guidance)
+    was_training = ema_model.training
+    ema_model.eval()
+    # the samplers use explicit generators, but keep the global RNG untouched anyway
+    with torch.random.fork_rng(devices=[]):
+        images = sample_images(ema_model, diffusion_cfg, tokenizer, prompts, seeds, height=size, width=size,
+                               cfg=scfg, batch_size=cfg.batch_size, progress=False)  # fits like a training batch
+    ema_model.train(was_training)
+    grid = make_grid(to_unit(images), ncol=4)  # [H', W'] in [0, 1]
+    path = run_dir / "samples" / f"step-{step}.png"
+    write_png16(path, grid.numpy(), text={"synthetic": "true", "step": str(step),
+                                          "prompts": " | ".join(prompts), "seed": str(SAMPLE_GRID_SEED)})
+    logger.add_image("samples", grid[None], step)
+    return path
+
+
+def _install_stop_handlers(stop: dict):
+    """SIGTERM/SIGINT -> finish the step, checkpoint, return. Returns a function restoring the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {}
+
+    def handler(signum, frame):
+        if stop.get("signal"):  # second signal: give up waiting for the step boundary
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step and writing a checkpoint", stop["signal"])
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        old[sig] = signal.signal(sig, handler)
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def train(run_dir: str | Path, model_cfg, diffusion_cfg, train_cfg: TrainConfig, data=None, *,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) a run in `run_dir`; returns {"step", "steps_run", "loss", "images_per_s",
+    "interrupted", "checkpoint", "model_dir"}.
+
+    data: a data-set directory, or a Dataset whose items have "image" [C, S, S] in [-1, 1],
+    "prompt" str and optionally "index"/"path"; default train_cfg.data.
+    resume: continue from the latest checkpoint of run_dir (its config.json must match).
+    """
+    from torch.utils.data import DataLoader
+
+    from megamed.diffusion import Denoiser, sigmas_from_normal
+    from megamed.models import make_model
+
+    cfg = train_cfg
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    size = cfg.size or model_cfg.default_resolution
+    if size % model_cfg.size_multiple:
+        raise ValueError(f"size={size} must be a multiple of {model_cfg.size_multiple} for this model")
+
+    # ---- run directory: fresh, or resume with a matching config -------------------------------
+    last = ckpt.latest_checkpoint(run_dir)
+    if resume:
+        if (run_dir / "config.json").is_file():
+            stored_model, stored_diff, stored_train = load_run_config(run_dir)
+            if stored_model != model_cfg or stored_diff != diffusion_cfg:
+                raise ValueError(f"resume: the model/diffusion config differs from {run_dir}/config.json")
+            conflicts = resume_conflicts(stored_train, {k: getattr(cfg, k) for k in vars(cfg)})
+            if conflicts:
+                raise ValueError("resume: train config differs from the run's: " + "; ".join(conflicts))
+        if last is None:
+            log.warning("resume: no checkpoint in %s yet; starting from step 0", ckpt.checkpoint_dir(run_dir))
+    elif last is not None:
+        raise ValueError(f"out: {run_dir} already has checkpoints (latest {last.name}); "
+                         f"pass --resume to continue it or choose a new --out")
+    dataset = open_dataset(cfg.data if data is None else data, cfg, size)
+    n = len(dataset)
+    tokenizer = load_tokenizer(cfg.tokenizer, model_cfg)
+    # only now that the inputs are known good (records changed operational fields on resume)
+    save_run_config(run_dir, model_cfg, diffusion_cfg, cfg)
+
+    # ---- model, EMA, optimizer ----------------------------------------------------------------
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.init_seed(cfg.seed))
+        model = make_model(model_cfg)
+    model.to(device).train()
+    if cfg.grad_checkpointing:
+        model.set_gradient_checkpointing(True)
+    ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    denoiser = Denoiser(model, diffusion_cfg)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(cfg.warmup_steps))
+
+    step, epoch, offset = 0, 0, 0
+    if resume and last is not None:
+        state = ckpt.load_checkpoint(last, model=model, ema_model=ema_model, optimizer=optimizer,
+                                     scheduler=scheduler, device=device)
+        step, epoch, offset = state["step"], state["epoch"], state["offset"]
+        # every draw is re-keyed per step anyway; restoring the streams covers anything that is not
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        if state.get("n_items", n) != n:
+            raise ValueError(f"resume: the data set has {n} items but the run was trained on {state['n_items']}")
+        log.info("resumed from %s (step %d, epoch %d, offset %d)", last, step, epoch, offset)
+    if step >= cfg.max_steps:
+        log.info("run is already at step %d >= max_steps=%d; nothing to do", step, cfg.max_steps)
+
+    # The batch order is fixed by (seed, epoch, offset); workers only decode images.
+    plan = rng.BatchPlan(cfg.seed, n, cfg.batch_size, epoch, offset, max(0, cfg.max_steps - step))
+    loader = DataLoader(dataset, batch_sampler=plan, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    logger = MetricsLogger(run_dir, resume_step=step, tensorboard=cfg.tensorboard)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint_state() -> dict:
+        state = {"epoch": epoch, "offset": offset, "n_items": n, "seed": cfg.seed, "loss": last_loss,
+                 "rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def save(step: int) -> Path:
+        # Finite grads can still step into inf weights (e.g. a huge LR); such a state must not
+        # replace the last good checkpoint.
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"weights became non-finite after step {step} (e.g. {bad[0]}); not saving. "
+                                     f"Last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}")
+        path = ckpt.save_checkpoint(run_dir, step, model=model, ema_model=ema_model, optimizer=optimizer,
+                                    scheduler=scheduler, state=checkpoint_state(), keep_last=cfg.keep_last)
+        export_model(run_dir, ema_model, tokenizer, diffusion_cfg, step)
+        return path
+
+    from tqdm.auto import tqdm
+
+    stop: dict = {}
+    restore_handlers = _install_stop_handlers(stop)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    start_step, last_loss, saved_step = step, float("nan"), (step if last is not None and resume else -1)
+    t_start = t_log = time.perf_counter()
+    images_since_log, images_per_s, t_other, t_other_total = 0, 0.0, 0.0, 0.0
+    try:
+        for batch in loader:
+            # ---- which samples: the plan's indices, and the data position after this batch ----
+            indices, epoch, offset = rng.batch_at(cfg.seed, n, cfg.batch_size, epoch, offset)
+            torch.manual_seed(rng.step_seed(cfg.seed, step))  # dropout etc.: a function of the step
+
+            x0 = batch["image"].to(device, non_blocking=True)  # [B, C, S, S] in [-1, 1]
+            b = x0.shape[0]
+            z, drop, noise = rng.draw_training_noise(cfg.seed, step, range(b), tuple(x0.shape[1:]),
+                                                     cfg.cond_drop_prob)
+            sigma = sigmas_from_normal(z, x0.shape[-2], x0.shape[-1], diffusion_cfg).to(device)  # [B]
+            cond = {}
+            if tokenizer is not None:
+                ids, mask = tokenizer.encode(list(batch["prompt"]), model_cfg.text.max_length)  # [B, L]
+                mask = mask.bool() & ~drop[:, None]  # dropped samples see no text (unconditional)
+                cond = {"text_ids": ids.to(device), "text_mask": mask.to(device)}
+
+            with amp:
+                losses = denoiser.loss(x0, noise.to(device), sigma, **cond)  # [B], float32
+            loss = losses.mean()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(_nonfinite_message("loss", step + 1, batch, indices, losses, run_dir))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not math.isfinite(grad_norm.item()):
+                raise NonFiniteLossError(_nonfinite_message("gradient norm", step + 1, batch, indices, losses, run_dir))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            ema_update(ema_model, model, ema_decay(step, power=cfg.ema_power, max_decay=cfg.ema_decay))
+            step += 1
+            last_loss = loss_value
+
+            # ---- bookkeeping: progress, metrics, checkpoints, samples ----------------------
+            images_since_log += b
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                # throughput of training alone: checkpoint and sample-grid time is left out
+                images_per_s = images_since_log / max(now - t_log - t_other, 1e-9)
+                t_log, t_other, images_since_log = now, 0.0, 0
+                logger.log(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), images_per_s=images_per_s,
+                           epoch=epoch, wall_s=now - t_start)
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.1f}")
+            t0 = time.perf_counter()
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save(step)
+                saved_step = step
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                write_sample_grid(run_dir, ema_model, diffusion_cfg, tokenizer, size, cfg, step, logger)
+            t_other += time.perf_counter() - t0
+            t_other_total += time.perf_counter() - t0
+            if stop.get("signal"):
+                break
+    finally:
+        bar.close()
+        logger.close()
+        restore_handlers()
+
+    interrupted = bool(stop.get("signal")) and step < cfg.max_steps
+    if saved_step != step and (interrupted or step > start_step):
+        save(step)
+    elif step == start_step and not (run_dir / "model").exists():
+        export_model(run_dir, ema_model, tokenizer, diffusion_cfg, step)
+    if interrupted:
+        log.warning("stopped by %s at step %d; checkpoint written. Continue with --resume", stop["signal"], step)
+    elapsed = time.perf_counter() - t_start - t_other_total
+    steps_run = step - start_step
+    return {"step": step, "steps_run": steps_run, "loss": last_loss,
+            "images_per_s": steps_run * cfg.batch_size / elapsed if steps_run else 0.0,
+            "interrupted": interrupted, "checkpoint": str(ckpt.latest_checkpoint(run_dir)),
+            "model_dir": str(run_dir / "model")}
+
+
+def _nonfinite_message(what: str, step: int, batch: dict, indices: list[int], losses: torch.Tensor,
+                       run_dir: Path) -> str:
+    paths = batch.get("path")
+    bad = [i for i, v in enumerate(losses.detach().float().cpu().tolist()) if not math.isfinite(v)]
+    last = ckpt.latest_checkpoint(run_dir)
+    where = f"sample indices {indices}" + (f", paths {list(paths)}" if paths is not None else "")
+    which = f"; non-finite per-sample loss at batch positions {bad}" if bad else ""
+    return (f"non-finite {what} at step {step} (batch: {where}{which}). Training stopped before the update; "
+            f"last good checkpoint: {last if last else 'none'}")
