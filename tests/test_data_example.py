@@ -1,0 +1,121 @@
+"""`megamed data example`: plan, splits, CSV round trip, determinism, resume, bad input."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megamed.data import example
+from megamed.data.example import ExampleConfig, body_splits, generate, make_row, plan
+from megamed.data.layout import CHEXPERT_COLUMNS, OBSERVATIONS, read_metadata
+
+SMALL = dict(size=40, ct_factor=4, render_px=40)
+
+
+def test_splits_are_disjoint_by_body():
+    cfg = ExampleConfig(count=60, bodies=20, seed=3)
+    items = plan(cfg)
+    seeds = {s: {it["body_seed"] for it in items if it["split"] == s} for s in ("train", "val", "test")}
+    assert seeds["train"] and seeds["val"] and seeds["test"]
+    assert not (seeds["train"] & seeds["val"] or seeds["train"] & seeds["test"] or seeds["val"] & seeds["test"])
+    assert len(seeds["train"]) == 16 and len(seeds["val"]) == 2 and len(seeds["test"]) == 2
+    assert 0 not in set().union(*seeds.values())          # seed 0 = the undeformed CT, not a body
+    assert body_splits(1, 0) == ["train"]
+
+
+def test_plan_mix_and_determinism():
+    items = plan(ExampleConfig(count=400, seed=1))
+    assert items == plan(ExampleConfig(count=400, seed=1))
+    normal = np.mean([not it["findings"] for it in items])
+    assert 0.18 < normal < 0.32
+    sizes = [len(it["findings"]) for it in items if it["findings"]]
+    assert set(sizes) == {1, 2, 3}
+    sev = [f["severity"] for it in items for f in it["findings"].values()]
+    assert 0.1 <= min(sev) and max(sev) <= 1.0
+    views = [it["geometry"]["view"] for it in items]
+    assert 0.45 < views.count("PA") / len(views) < 0.75
+    assert plan(ExampleConfig(count=5, seed=2)) != plan(ExampleConfig(count=5, seed=1))
+
+
+def test_row_labels_and_prompt():
+    it = {"index": 7, "body": 1, "body_seed": 99, "split": "val",
+          "findings": {"Support Devices": {"severity": 0.5, "side": "none"}},
+          "geometry": {"view": "AP"}, "exposure": {}}
+    row = make_row(it)
+    assert row["Path"] == "images/000007.png" and row["AP/PA"] == "AP" and row["Frontal/Lateral"] == "Frontal"
+    assert row["No Finding"] == "1.0" and row["Support Devices"] == "1.0" and row["Cardiomegaly"] == "0.0"
+    assert row["Sex"] == row["Age"] == "Unknown"
+    assert "support devices" in row["prompt"].lower()
+    it["findings"] = {}
+    assert "normal" in make_row(it)["prompt"].lower()
+
+
+def test_generate_round_trip_determinism_and_resume(tmp_path, monkeypatch):
+    cfg = ExampleConfig(count=3, seed=5, bodies=2, **SMALL)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert generate(a, cfg, progress=False) == 3
+    rows = read_metadata(a)
+    planned = plan(cfg)
+    assert [r["Path"] for r in rows] == [f"images/{i:06d}.png" for i in range(3)]
+    for r, it in zip(rows, planned):
+        assert json.loads(r["findings"]) == it["findings"]
+        assert json.loads(r["params"])["geometry"] == it["geometry"]
+        assert r["split"] == it["split"]
+        assert all(r[o] in ("0.0", "1.0") for o in OBSERVATIONS)
+        assert list(r)[: len(CHEXPERT_COLUMNS)] == CHEXPERT_COLUMNS
+        with Image.open(a / r["Path"]) as im:
+            assert im.mode in ("I;16", "I") and im.size == (40, 40)
+            px = np.asarray(im)
+            assert px.max() > 20000 and px.std() > 1000       # a real 16-bit radiograph, not a flat image
+
+    # same seed -> same bytes
+    generate(b, cfg, progress=False)
+    for i in range(3):
+        assert (a / f"images/{i:06d}.png").read_bytes() == (b / f"images/{i:06d}.png").read_bytes()
+    assert (a / "metadata.csv").read_bytes() == (b / "metadata.csv").read_bytes()
+
+    # resume: only missing or broken images are rendered again, and they come back identical
+    calls = []
+    real = example.render_item
+    monkeypatch.setattr(example, "render_item", lambda *a, **k: calls.append(a[0]["index"]) or real(*a, **k))
+    assert generate(a, cfg, progress=False) == 0 and calls == []
+    original = (a / "images/000001.png").read_bytes()
+    (a / "images/000001.png").unlink()
+    (a / "images/000002.png").write_bytes(original[:100])   # truncated by a crash
+    (a / "images/000000.png.part").write_bytes(b"junk")      # a crash mid-write leaves only .part
+    assert generate(a, cfg, progress=False) == 2 and sorted(calls) == [1, 2]
+    assert (a / "images/000001.png").read_bytes() == original
+    assert len(read_metadata(a)) == 3
+
+
+def test_different_seed_different_images(tmp_path):
+    generate(tmp_path / "a", ExampleConfig(count=1, seed=1, **SMALL), progress=False)
+    generate(tmp_path / "b", ExampleConfig(count=1, seed=2, **SMALL), progress=False)
+    assert (tmp_path / "a/images/000000.png").read_bytes() != (tmp_path / "b/images/000000.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_parallel_workers_match_serial(tmp_path):
+    cfg = dict(count=4, seed=9, bodies=2, **SMALL)
+    generate(tmp_path / "s", ExampleConfig(workers=1, **cfg), progress=False)
+    generate(tmp_path / "p", ExampleConfig(workers=2, **cfg), progress=False)
+    for i in range(4):
+        assert (tmp_path / f"s/images/{i:06d}.png").read_bytes() == (tmp_path / f"p/images/{i:06d}.png").read_bytes()
+
+
+@pytest.mark.parametrize("kw, word", [(dict(size=31), "size"), (dict(count=0), "count"), (dict(workers=0), "workers"),
+                                      (dict(bodies=0), "bodies")])
+def test_bad_config(kw, word):
+    with pytest.raises(ValueError, match=word):
+        ExampleConfig(**kw)
+
+
+def test_cli_rejects_bad_size_and_count(tmp_path, capsys):
+    """The CLI turns the ValueError into one line on stderr naming the argument, exit code 2."""
+    from megamed.cli import main
+
+    assert main(["data", "example", "--out", str(tmp_path), "--size", "16"]) == 2
+    assert "size must be an integer >= 32" in capsys.readouterr().err
+    assert main(["data", "example", "--out", str(tmp_path), "--count", "0"]) == 2
+    assert "count must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "metadata.csv").exists()
