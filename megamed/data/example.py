@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from megamed.data.layout import COLUMNS, OBSERVATIONS, label_str, write_metadata
+from megamed.text.prompts import prompt_from_labels
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +119,8 @@ def plan(cfg: ExampleConfig) -> list[dict]:
 
 
 def make_prompt(labels: dict, findings: dict, view: str) -> str:
-    """megamed.text.prompts.prompt_from_labels when it exists, else MegaMed's plain wording."""
-    try:
-        from megamed.text.prompts import prompt_from_labels
-    except ImportError:
-        prompt_from_labels = None
-    if prompt_from_labels is not None:
-        return prompt_from_labels(labels, findings, view=view)
-    positive = [o for o in OBSERVATIONS if o != "No Finding" and labels.get(o) == 1.0]
-    if not positive:
-        return "Normal chest X-ray with no significant findings"
-    return "Chest X-ray showing " + ", ".join(positive)
+    """The image's prompt: MegaMed's wording with the view ("PA chest X-ray showing ...")."""
+    return prompt_from_labels(labels, findings, view=view)
 
 
 def make_row(item: dict) -> dict:
