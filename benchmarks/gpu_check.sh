@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One-shot GPU check for the Triton kernels: build, GPU tests, benchmarks. Total <= ~8 minutes.
+#
+#   OUT=/some/dir PY=python3 bash benchmarks/gpu_check.sh
+#
+# Needs a CUDA build of torch, triton, and the build tools (scikit-build-core, pybind11, cmake,
+# ninja) in $PY's environment: nothing is downloaded. Every step writes under $OUT as it goes
+# (summary.md, build.log, pytest_gpu.txt, machine.json, na2d.{jsonl,md}, patch.{jsonl,md}), so a
+# step that times out still leaves the earlier results. Copy the tables into benchmarks/RESULTS.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+# conftest.py defaults TRITON_INTERPRET to 1 (CPU CI); on the GPU the kernels must really compile
+export TRITON_INTERPRET=0
+unset MEGAMED_BACKEND
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.txt, record the status
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  note "- $name: rc=$rc ($((SECONDS - t0)) s, limit ${limit} s)$([ $rc -eq 124 ] && echo ' TIMED OUT')"
+  tail -n 5 "$OUT/$name.txt"
+  return $rc
+}
+
+note "# gpu_check $(date -u +%FT%TZ)"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  note "STOP: $PY has no CUDA torch (torch.cuda.is_available() is False); install a CUDA build of torch first"
+  exit 2
+fi
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$SUMMARY"
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader >> "$SUMMARY" 2>/dev/null
+
+# 1. build the extension with CUDA (the glue is never compiled on CI, so this is its first build)
+if ! step build 120 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+  note "STOP: building megamed with CUDA failed; see $OUT/build.txt (last lines above)"
+  exit 3
+fi
+"$PY" -c "import megamed; print('extension:', megamed.extension_status())" | tee -a "$SUMMARY"
+
+# 2. GPU tests (the full matrices marked gpu); failures are recorded, the benchmarks still run
+step pytest_gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout 100 tests/
+
+# 3. benchmarks (each stops starting new measurements when its budget is spent)
+step bench_na2d 180 "$PY" benchmarks/bench_na2d.py --out "$OUT" --budget-s 130
+step bench_patch 45 "$PY" benchmarks/bench_patch.py --out "$OUT"
+note "done in $SECONDS s"
