@@ -11,9 +11,10 @@ reuses the forward kernels with the weight transposed (a strided view, no copy),
 Where it runs:
   * CUDA tensors (fp32, fp16, bf16), priority 15: above cpp (10) and reference (0), below a
     hand-written CUDA kernel (20).
-  * CPU tensors only under TRITON_INTERPRET=1 AND when MEGAMED_BACKEND forces `triton` for the op.
-    The interpreter is a testing tool, thousands of times slower than the reference, and CI sets
-    TRITON_INTERPRET=1 for every test: automatic choice must never pick it. (bf16 is refused on
+  * CPU tensors only under TRITON_INTERPRET=1, and only when forced (backend="triton" or
+    MEGAMED_BACKEND): the interpreter is a testing tool, thousands of times slower than the
+    reference, and CI sets TRITON_INTERPRET=1 for every test, so automatic choice never picks it
+    (the registry's `auto_refuse` hook). (bf16 is refused on
     CPU: the interpreter's bf16 tl.dot returns garbage.)
 The backends are registered even when triton is missing, so forcing `triton` says why it cannot run.
 """
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 from megamed import flags
-from megamed.ops.backends import env_backend, register_backend
+from megamed.ops.backends import register_backend
 
 PRIORITY_TRITON = 15
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,12 +53,15 @@ def _device_reason(op: str, t: torch.Tensor) -> "str | None":
         return f"tensors on {t.device} are not supported (CUDA, or CPU under the Triton interpreter)"
     if not flags.triton_interpret():
         return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)"
-    if env_backend(op) != "triton":
-        return (f"on CPU the Triton interpreter is for tests only: force it with "
-                f"{flags.BACKEND_ENV}={op}=triton (automatic choice never picks it)")
     if t.dtype not in INTERPRETER_DTYPES:
         return f"dtype {t.dtype} is not supported by the Triton interpreter (float32, float16)"
     return None
+
+
+def _auto_refuse(*args, **kwargs) -> "str | None":
+    """Automatic choice skips the interpreter: CPU tensors run triton only when forced."""
+    t = args[0]
+    return "the Triton interpreter on CPU is for tests only (force it)" if t.device.type == "cpu" else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +86,7 @@ def na_backward(grad_out, q, k, v, out, lse, kernel_size, *, dilation, scale):
 
 
 register_backend("neighborhood_attention", "triton", can_run=na_can_run, fn=na_forward, bwd=na_backward,
-                 priority=PRIORITY_TRITON)
+                 priority=PRIORITY_TRITON, auto_refuse=_auto_refuse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,5 +199,7 @@ def patch_split(x, weight, bias=None, *, factor=2, skip=None, lerp=None):
     return triton_patch_split(x, weight, bias, factor, skip, lerp)
 
 
-register_backend("patch_merge", "triton", can_run=merge_can_run, fn=patch_merge, priority=PRIORITY_TRITON)
-register_backend("patch_split", "triton", can_run=split_can_run, fn=patch_split, priority=PRIORITY_TRITON)
+register_backend("patch_merge", "triton", can_run=merge_can_run, fn=patch_merge, priority=PRIORITY_TRITON,
+                 auto_refuse=_auto_refuse)
+register_backend("patch_split", "triton", can_run=split_can_run, fn=patch_split, priority=PRIORITY_TRITON,
+                 auto_refuse=_auto_refuse)

@@ -83,7 +83,10 @@ def _check_op(op: str) -> None:
 def register_backend(op: str, name: str, *, can_run: Callable[..., "str | None"], fn: Callable,
                      priority: int, **extra: Callable) -> None:
     """Register (or replace) backend `name` for `op`. `extra` holds additional entry points
-    (neighborhood_attention backends must pass `bwd=`, see megamed.ops.natten)."""
+    (neighborhood_attention backends must pass `bwd=`, see megamed.ops.natten) and optionally
+    `auto_refuse(*args, **kwargs) -> str | None`: a reason to skip the backend in AUTOMATIC
+    choice only, while forcing it still works (e.g. the Triton interpreter on CPU: correct, but
+    a testing tool thousands of times slower than the reference)."""
     _check_op(op)
     if not isinstance(name, str) or not name or name != name.strip().lower() or any(c in name for c in ",="):
         raise ValueError(f"name must be a non-empty lowercase string without ',' or '=', got {name!r}")
@@ -179,6 +182,8 @@ def choose_backend(op: str, *args: Any, backend: "str | None" = None, **kwargs: 
         if b.name == REFERENCE:
             continue
         reason = b.can_run(*args, **kwargs)
+        if reason is None and "auto_refuse" in b.extra:
+            reason = b.extra["auto_refuse"](*args, **kwargs)
         if reason is None:
             return b.name
         refusals.append(f"{b.name}: {reason}")
