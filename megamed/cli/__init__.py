@@ -19,6 +19,7 @@ _COMMANDS = [
     "megamed.cli.align_cmd",       # megamed align train
     "megamed.cli.train_cmd",       # megamed train
     "megamed.cli.sample_cmd",      # megamed sample | generate
+    "megamed.cli.eval_cmd",        # megamed eval classifier|fidelity|memorisation
     "megamed.cli.quickstart_cmd",  # megamed quickstart
 ]
 

@@ -1,0 +1,190 @@
+"""`megamed eval classifier train|predict | fidelity | memorisation`: judge generated images.
+
+Every command writes NAME.json (numbers) and NAME.md (a table for people) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _clean(v):
+    """JSON-safe: numpy scalars -> Python, NaN -> null (strict JSON has no NaN)."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    return None if isinstance(v, float) and v != v else v
+
+
+def _write(out: str, name: str, result: dict, markdown: str) -> None:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {out_dir / (name + '.json')} and {out_dir / (name + '.md')}")
+
+
+def _blocks(text: str) -> tuple:
+    try:
+        blocks = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 6,12,24,16, got {text!r}") from None
+    if not blocks or min(blocks) < 1:
+        raise argparse.ArgumentTypeError(f"blocks must be positive, got {text!r}")
+    return blocks
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    from megamed.eval.classifier import ClassifierConfig, TrainConfig, train_classifier
+
+    model = ClassifierConfig(growth=args.growth, blocks=args.blocks, init_features=args.init_features)
+    cfg = TrainConfig(data=args.data, size=args.size, uncertain=args.uncertain, balanced=args.balanced,
+                      epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed, workers=args.workers, device=args.device, model=model)
+    result = train_classifier(cfg, args.out)
+    print(f"best epoch {result['best_epoch']}: val mean AUROC {result['best_val_auroc']}; saved to {args.out}")
+    return 0
+
+
+def cmd_classifier_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    import numpy as np
+
+    from megamed.data.layout import OBSERVATIONS
+    from megamed.eval.classifier import SIDES, WithFindings, finding_scores, load_classifier, open_split, predict
+    from megamed.eval.metrics import auroc, f1, per_label
+
+    model = load_classifier(args.checkpoint)
+    uncertain = args.uncertain
+    if uncertain is None:                    # score with the policy the classifier was trained with
+        saved = json.loads((Path(args.checkpoint) / "classifier.json").read_text())
+        uncertain = saved.get("train", {}).get("uncertain", "ignore")
+    ds = open_split(args.data, args.split, args.size, uncertain)
+    findings = model.cfg.findings
+    p = predict(model, WithFindings(ds, findings) if findings else ds, args.batch_size, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path"] + OBSERVATIONS + [f"{n} severity" for n in findings] + [f"{n} side" for n in findings])
+        for k, i in enumerate(p["index"]):
+            row = [ds.rows[i]["image_path"]] + [f"{v:.4f}" for v in p["probs"][k]]
+            if findings:
+                row += [f"{v:.3f}" for v in p["severity"][k]] + [SIDES[s] for s in p["side"][k]]
+            w.writerow(row)
+    aucs = per_label(auroc, p["probs"], p["labels"])
+    f1s = per_label(f1, (p["probs"] >= args.threshold).astype(float), p["labels"])
+    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "n": len(p["probs"]),
+              "uncertain": uncertain,
+              "threshold": args.threshold,
+              "auroc": {o: (None if np.isnan(a) else float(a)) for o, a in zip(OBSERVATIONS, aucs)},
+              "f1": {o: float(v) for o, v in zip(OBSERVATIONS, f1s)},
+              "mean_auroc": float(np.nanmean(aucs)) if not np.isnan(aucs).all() else None,
+              "findings": finding_scores(p, findings) if findings else {}}
+    lines = [f"# Classifier on {args.data} ({args.split}, {result['n']} images)", "",
+             f"Mean AUROC {result['mean_auroc']}", "", "| label | AUROC | F1 |", "|---|---|---|"]
+    lines += [f"| {o} | {'n/a' if np.isnan(a) else f'{a:.3f}'} | {v:.3f} |" for o, a, v in zip(OBSERVATIONS, aucs, f1s)]
+    scored = {k: v for k, v in result["findings"].items() if v["n"]}
+    if scored:                               # example-set rows carry severity/side truth
+        lines += ["", "| finding | n | severity MAE | side accuracy |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['n']} | {v['severity_mae']:.3f} | {v['side_accuracy']:.3f} |" for k, v in scored.items()]
+    _write(args.out, "classifier", result, "\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from megamed.eval.fidelity import evaluate_fidelity, fidelity_markdown
+
+    r = evaluate_fidelity(args.reference, args.generated, args.extractor, args.size, args.reference_split,
+                          k=args.k, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size)
+    _write(args.out, "fidelity", r, fidelity_markdown(r))
+    return 0
+
+
+def cmd_memorisation(args: argparse.Namespace) -> int:
+    from megamed.eval.memorisation import evaluate_memorisation, memorisation_markdown
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    split = None if args.reference_split == "all" else args.reference_split
+    r = evaluate_memorisation(args.reference, args.generated, args.extractor, args.size, split,
+                              quantile=args.quantile, out_png=Path(args.out) / "memorisation_pairs.png",
+                              n_pairs=args.pairs)
+    _write(args.out, "memorisation", r, memorisation_markdown(r))
+    return 0
+
+
+def _extractor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extractor", default=None,
+                   help="feature extractor: a classifier directory (the judge, recommended), a DenseNet-121 "
+                        ".safetensors/.pth state dict, a TorchScript file (e.g. FID Inception, with --size 299), "
+                        "or 'random-conv' (default; a fixed random net, last resort)")
+    p.add_argument("--size", type=int, default=256, help="images are resized to SIZE x SIZE (default 256)")
+
+
+def register(subparsers) -> None:
+    ev = subparsers.add_parser("eval", help="evaluate generated images (classifier, fidelity, memorisation)")
+    sub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+
+    cls = sub.add_parser("classifier", help="the judge: a DenseNet-121-style multi-label classifier")
+    csub = cls.add_subparsers(dest="classifier_command", metavar="ACTION")
+    t = csub.add_parser("train", help="train on DATA's train split, early-stop on its val split")
+    t.add_argument("--data", required=True, help="data set root (megamed layout or CheXpert folder)")
+    t.add_argument("--out", required=True, help="output directory (classifier.safetensors + classifier.json)")
+    t.add_argument("--size", type=int, default=224)
+    t.add_argument("--uncertain", choices=["ones", "zeros", "ignore"], default="ignore",
+                   help="CheXpert uncertain labels: U-Ones, U-Zeros or U-Ignore (default)")
+    t.add_argument("--balanced", action="store_true", help="class-balanced sampling")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--patience", type=int, default=3, help="early stopping patience in epochs (val mean AUROC)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--growth", type=int, default=32, help="channels per dense layer (width); 8 for a CPU variant")
+    t.add_argument("--blocks", type=_blocks, default=(6, 12, 24, 16), help="layers per dense block (default 6,12,24,16)")
+    t.add_argument("--init-features", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(func=cmd_classifier_train)
+
+    p = csub.add_parser("predict", help="probabilities (+ severity/side) for a split, AUROC/F1 where labelled")
+    p.add_argument("--checkpoint", required=True, help="a `megamed eval classifier train` output directory")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--uncertain", choices=["ones", "zeros", "ignore"], default=None,
+                   help="uncertain-label policy for scoring (default: the one the classifier was trained with)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for F1")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_classifier_predict)
+
+    f = sub.add_parser("fidelity", help="FID, KID, precision/recall and within-prompt MS-SSIM")
+    f.add_argument("--reference", required=True, help="reference image folder / data set")
+    f.add_argument("--generated", required=True, help="generated image folder / data set")
+    f.add_argument("--reference-split", default=None, choices=["train", "val", "test"],
+                   help="use only this split of the reference (default: all)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds (default 3)")
+    f.add_argument("--kid-subsets", type=int, default=100)
+    f.add_argument("--kid-subset-size", type=int, default=1000)
+    _extractor_args(f)
+    f.set_defaults(func=cmd_fidelity)
+
+    m = sub.add_parser("memorisation", help="nearest training image of each generated image")
+    m.add_argument("--reference", required=True, help="the training data set")
+    m.add_argument("--generated", required=True)
+    m.add_argument("--reference-split", default="train", choices=["train", "val", "test", "all"],
+                   help="split of the reference to search (default train; 'all' for a plain folder)")
+    m.add_argument("--quantile", type=float, default=0.05,
+                   help="flag below this quantile of the training set's leave-one-out NN distances")
+    m.add_argument("--pairs", type=int, default=8, help="closest pairs drawn in memorisation_pairs.png")
+    m.add_argument("--out", required=True)
+    _extractor_args(m)
+    m.set_defaults(func=cmd_memorisation)

@@ -1,0 +1,465 @@
+"""The judge: a DenseNet-121-style multi-label chest X-ray classifier, and how to train it.
+
+Architecture (Huang et al. 2017, as in torchvision's densenet121; no torchvision import):
+
+    x [B, 1, H, W] in [-1, 1]  (* input_scale: torchxrayvision's weights expect [-1024, 1024])
+    features.conv0  7x7/2 -> norm0 -> relu0 -> pool0 3x3/2            [B, F0, H/4, W/4]
+    features.denseblock{i}: L_i dense layers, each BN-ReLU-conv1x1 (bn_size*growth) -> BN-ReLU-
+        conv3x3 (growth), its output concatenated to its input        channels += growth per layer
+    features.transition{i} (between blocks): BN-ReLU-conv1x1 (halve channels) -> avgpool 2x2
+    features.norm5 -> ReLU -> adaptive average pool                    [B, C]  ("features": penultimate)
+    classifier      Linear(C, 14)                                      [B, 14] CheXpert logits
+    severity_head   Linear(C, F)                                       [B, F]  per finding, sigmoid -> (0, 1)
+    side_head       Linear(C, 4 F)                                     [B, F, 4] logits over SIDES
+
+Parameter names equal torchvision's DenseNet state dict (features.conv0.weight,
+features.denseblock1.denselayer1.norm1.weight, ..., classifier.weight), so local weights such as
+torchxrayvision's load with `load_densenet_weights` (3-channel conv0 summed to 1 channel).
+Adaptive pooling makes any input size >= 32 px work. `growth`/`blocks`/`init_features` give the
+small CPU variant (ClassifierConfig.tiny()).
+
+Targets: labels [14] with NaN = ignored (masked BCE). The example data set's metadata.csv also has
+a findings column {finding: {"severity": s, "side": side}}; for those rows severity (MSE) and
+side (cross-entropy) are trained for the findings present, and ignored everywhere else.
+
+Training (train_classifier): AdamW, optional class-balanced sampling, early stopping on the val
+split's mean AUROC; writes OUT/classifier.safetensors (best weights) + OUT/classifier.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from megamed.data.layout import OBSERVATIONS
+from megamed.utils.dataclass_json import from_dict
+
+log = logging.getLogger(__name__)
+
+# The example set's findings (megamed.data.findings.FINDINGS, sorted) and sides. Spelled out here
+# so loading a classifier does not import the CT simulator; a test checks they agree.
+FINDING_NAMES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Fracture", "Lung Lesion", "Lung Opacity",
+                 "Pleural Effusion", "Pneumothorax", "Support Devices")
+SIDES = ("left", "right", "bilateral", "none")
+CONFIG_NAME, WEIGHTS_NAME = "classifier.json", "classifier.safetensors"
+
+
+# -----------------------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class ClassifierConfig:
+    growth: int = 32                          # channels each dense layer adds ("width")
+    blocks: tuple = (6, 12, 24, 16)           # dense layers per block (DenseNet-121)
+    init_features: int = 64                   # conv0 channels
+    bn_size: int = 4                          # bottleneck width = bn_size * growth
+    in_channels: int = 1
+    num_classes: int = len(OBSERVATIONS)
+    findings: tuple = FINDING_NAMES           # severity/side heads, one per finding (() = none)
+    input_scale: float = 1.0                  # x is multiplied by this first (1024 for torchxrayvision)
+
+    def __post_init__(self):
+        self.blocks = tuple(self.blocks)
+        self.findings = tuple(self.findings)
+        for name in ("growth", "init_features", "bn_size", "in_channels", "num_classes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if not self.blocks or not all(isinstance(b, int) and b >= 1 for b in self.blocks):
+            raise ValueError(f"blocks: expected a non-empty tuple of positive ints, got {self.blocks!r}")
+        if not self.input_scale > 0:
+            raise ValueError(f"input_scale: must be > 0, got {self.input_scale!r}")
+
+    @classmethod
+    def tiny(cls, **kw) -> "ClassifierConfig":
+        """A ~30k-parameter variant for CPU tests and quick runs."""
+        return cls(**{"growth": 8, "blocks": (2, 2, 2, 2), "init_features": 16, "bn_size": 2, **kw})
+
+    @property
+    def feature_dim(self) -> int:
+        c = self.init_features
+        for i, n in enumerate(self.blocks):
+            c += n * self.growth
+            if i != len(self.blocks) - 1:
+                c //= 2                                   # transitions halve the channels
+        return c
+
+
+# -----------------------------------------------------------------------------------------
+# the network (module/attribute names chosen to match torchvision's state-dict keys)
+
+class _DenseLayer(nn.Module):
+    def __init__(self, c_in: int, growth: int, bn_size: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:          # [B, c_in, h, w] -> [B, growth, h, w]
+        return self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+
+
+class _DenseBlock(nn.ModuleDict):
+    def __init__(self, n_layers: int, c_in: int, growth: int, bn_size: int):
+        super().__init__()
+        for i in range(n_layers):
+            self[f"denselayer{i + 1}"] = _DenseLayer(c_in + i * growth, growth, bn_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:          # [B, c, h, w] -> [B, c + n*growth, h, w]
+        feats = [x]
+        for layer in self.values():
+            feats.append(layer(torch.cat(feats, 1)))
+        return torch.cat(feats, 1)
+
+
+def _transition(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(norm=nn.BatchNorm2d(c_in), relu=nn.ReLU(inplace=True),
+                                     conv=nn.Conv2d(c_in, c_out, 1, bias=False), pool=nn.AvgPool2d(2, 2)))
+
+
+class DenseNetClassifier(nn.Module):
+    def __init__(self, cfg: ClassifierConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers = OrderedDict(
+            conv0=nn.Conv2d(cfg.in_channels, cfg.init_features, 7, stride=2, padding=3, bias=False),
+            norm0=nn.BatchNorm2d(cfg.init_features), relu0=nn.ReLU(inplace=True),
+            pool0=nn.MaxPool2d(3, stride=2, padding=1))
+        c = cfg.init_features
+        for i, n in enumerate(cfg.blocks):
+            layers[f"denseblock{i + 1}"] = _DenseBlock(n, c, cfg.growth, cfg.bn_size)
+            c += n * cfg.growth
+            if i != len(cfg.blocks) - 1:
+                layers[f"transition{i + 1}"] = _transition(c, c // 2)
+                c //= 2
+        layers["norm5"] = nn.BatchNorm2d(c)
+        self.features = nn.Sequential(layers)
+        self.classifier = nn.Linear(c, cfg.num_classes)
+        nf = len(cfg.findings)
+        self.severity_head = nn.Linear(c, nf) if nf else None
+        self.side_head = nn.Linear(c, nf * len(SIDES)) if nf else None
+        # torchvision's init: He-normal convs, BN at identity, zero linear biases
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_channels, H, W] -> penultimate features [B, feature_dim] (FID uses these)."""
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"x: expected [B, {self.cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        if min(x.shape[-2:]) < 32:
+            raise ValueError(f"x: images must be at least 32 px a side, got {tuple(x.shape[-2:])}")
+        h = F.relu(self.features(x * self.cfg.input_scale))
+        return F.adaptive_avg_pool2d(h, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        f = self.embed(x)                                            # [B, C]
+        out = {"features": f, "logits": self.classifier(f)}          # logits [B, 14]
+        if self.severity_head is not None:
+            out["severity"] = torch.sigmoid(self.severity_head(f))   # [B, F] in (0, 1)
+            out["side"] = self.side_head(f).unflatten(1, (-1, len(SIDES)))   # [B, F, 4] logits
+        return out
+
+
+# -----------------------------------------------------------------------------------------
+# weights in and out
+
+def load_densenet_weights(model: DenseNetClassifier, state_dict: dict) -> list[str]:
+    """Load a torchvision-named DenseNet state dict (e.g. torchxrayvision's, saved locally) into
+    `model`. Old-style keys ("norm.1") are renamed; a 3-channel conv0 is summed over RGB for a
+    1-channel model (a gray image fed as RGB sees exactly the summed filter). Tensors whose shape
+    does not fit (a classifier with another label count, missing heads) are skipped, not loaded;
+    their names are returned. Keys in neither are an error (wrong architecture)."""
+    old = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                     r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+    sd = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("module.").removeprefix("model.")
+        m = old.match(k)
+        sd[m.group(1) + m.group(2) if m else k] = v
+    own = model.state_dict()
+    w = sd.get("features.conv0.weight")
+    if w is not None and w.shape[1] != own["features.conv0.weight"].shape[1]:
+        if own["features.conv0.weight"].shape[1] != 1:
+            raise ValueError(f"state_dict: conv0 has {w.shape[1]} input channels, the model {model.cfg.in_channels}")
+        sd["features.conv0.weight"] = w.sum(1, keepdim=True)
+    unknown = sorted(k for k in sd if k not in own and not k.endswith("num_batches_tracked"))
+    if unknown:
+        raise ValueError(f"state_dict: {len(unknown)} key(s) this architecture does not have, e.g. {unknown[0]!r} "
+                         f"(check growth/blocks/init_features)")
+    # num_batches_tracked (absent from old checkpoints) only matters for momentum=None BN: keep ours
+    skipped = sorted(k for k in own if (k not in sd or tuple(sd[k].shape) != tuple(own[k].shape))
+                     and not k.endswith("num_batches_tracked"))
+    skipped_all = skipped + [k for k in own if k.endswith("num_batches_tracked") and k not in sd]
+    own.update({k: sd[k].to(own[k].dtype) for k in own if k not in skipped_all})
+    model.load_state_dict(own)
+    return skipped
+
+
+def save_classifier(model: DenseNetClassifier, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """OUT/classifier.safetensors + OUT/classifier.json ({"model": config, **extra})."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS_NAME + ".tmp")
+    save_file(sd, str(tmp))
+    tmp.replace(out / WEIGHTS_NAME)
+    meta = {"model": asdict(model.cfg), **(extra or {})}
+    (out / (CONFIG_NAME + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / (CONFIG_NAME + ".tmp")).replace(out / CONFIG_NAME)
+    return out
+
+
+def load_classifier(path: str | Path, map_location: str = "cpu") -> DenseNetClassifier:
+    """A classifier saved by save_classifier (a directory), in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} (a `megamed eval classifier train` output)")
+    cfg = from_dict(ClassifierConfig, json.loads((path / CONFIG_NAME).read_text())["model"], where="model")
+    model = DenseNetClassifier(cfg)
+    model.load_state_dict(load_file(str(path / WEIGHTS_NAME), device=map_location))
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------------------
+# targets and losses
+
+def finding_targets(findings_cell, names=FINDING_NAMES) -> tuple[torch.Tensor, torch.Tensor]:
+    """metadata.csv findings cell (JSON text, dict, or empty) -> severity [F] float (NaN = not
+    known) and side [F] long (-1 = not known). Empty cell: unknown (CheXpert rows have none).
+    A known cell gives severity 0 / side ignored for absent findings: "not there" is a target too."""
+    sev = torch.full((len(names),), math.nan)
+    side = torch.full((len(names),), -1, dtype=torch.long)
+    if findings_cell in (None, ""):
+        return sev, side
+    f = json.loads(findings_cell) if isinstance(findings_cell, str) else findings_cell
+    if not isinstance(f, dict):
+        raise ValueError(f"findings: expected a JSON object, got {findings_cell!r}")
+    sev.zero_()
+    for name, v in f.items():
+        if name not in names:
+            raise ValueError(f"findings: unknown finding {name!r}; known: {', '.join(names)}")
+        i = names.index(name)
+        sev[i] = float(v["severity"])
+        if v.get("side") not in SIDES:
+            raise ValueError(f"findings[{name!r}].side: {v.get('side')!r} is not one of {SIDES}")
+        side[i] = SIDES.index(v["side"])
+    return sev, side
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over the known (non-NaN) entries of labels [B, C]; 0 if none."""
+    known = ~torch.isnan(labels)
+    if not known.any():
+        return logits.sum() * 0.0                       # keeps the graph; no signal
+    return F.binary_cross_entropy_with_logits(logits[known], labels[known])
+
+
+def classifier_loss(out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Masked BCE on labels + MSE on known severities + CE on known sides (example set only)."""
+    bce = masked_bce(out["logits"], batch["labels"])
+    parts = {"bce": float(bce.detach())}
+    loss = bce
+    if "severity" in out and "severity" in batch:
+        known = ~torch.isnan(batch["severity"])
+        if known.any():
+            mse = F.mse_loss(out["severity"][known], batch["severity"][known])
+            loss, parts["severity"] = loss + mse, float(mse.detach())
+        sides = batch["side"] >= 0
+        if sides.any():
+            ce = F.cross_entropy(out["side"][sides], batch["side"][sides])
+            loss, parts["side"] = loss + ce, float(ce.detach())
+    return loss, parts
+
+
+class WithFindings(torch.utils.data.Dataset):
+    """A loaders data set whose items also carry "severity" [F] and "side" [F] from its rows."""
+
+    def __init__(self, ds, names=FINDING_NAMES):
+        self.ds, self.names = ds, tuple(names)
+        self.targets = [finding_targets(r.get("findings"), self.names) for r in ds.rows]   # checked up front
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = self.ds[i]
+        item["severity"], item["side"] = self.targets[item["index"]]
+        return item
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Per-item sampling weight [N] so rare findings are seen as often as common ones: an item
+    weighs 1 / (count of its rarest positive label); items with no positive label form their own
+    group. NaN labels count as not positive."""
+    pos = np.nan_to_num(labels, nan=0.0) == 1.0                        # [N, C]
+    counts = pos.sum(0)                                                # [C]
+    inv = np.where(pos, 1.0 / np.maximum(counts, 1), 0.0).max(1)       # [N]
+    none = ~pos.any(1)
+    inv[none] = 1.0 / max(int(none.sum()), 1)
+    return inv / inv.sum()
+
+
+# -----------------------------------------------------------------------------------------
+# training and prediction
+
+@dataclass
+class TrainConfig:
+    data: str = ""                            # data set root (megamed layout or CheXpert folder)
+    size: int = 224
+    uncertain: str = "ignore"                 # CheXpert uncertain policy: ones | zeros | ignore
+    balanced: bool = False                    # class-balanced sampling
+    epochs: int = 20
+    patience: int = 3                         # epochs without a better val mean AUROC before stopping
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    workers: int = 0
+    device: str = "cpu"
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = from_dict(ClassifierConfig, self.model, where="model")
+        for name in ("size", "epochs", "patience", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.size < 32:
+            raise ValueError(f"size: must be >= 32, got {self.size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+
+
+def open_split(root: str | Path, split: str, size: int, uncertain: str = "ignore"):
+    """The `split` of a megamed-layout or CheXpert data set at root (loaders.open_dataset)."""
+    from megamed.data.loaders import open_dataset
+
+    return open_dataset(root, split=split, size=size, uncertain=uncertain)
+
+
+def _collate(items: list[dict]) -> dict:
+    out = {k: torch.stack([it[k] for it in items]) for k in ("image", "labels", "severity", "side") if k in items[0]}
+    out["index"] = torch.tensor([it["index"] for it in items])
+    return out
+
+
+@torch.no_grad()
+def predict(model: DenseNetClassifier, ds, batch_size: int = 32, device: str = "cpu", desc: str = "predict") -> dict:
+    """Run model over a data set: {"probs": [N, 14], "labels": [N, 14], "severity": [N, F],
+    "side": [N, F] (argmax index), "features": [N, C], "index": [N]} as numpy arrays; with a
+    WithFindings data set also the targets "severity_true" [N, F] (NaN unknown), "side_true" [N, F] (-1)."""
+    model.eval().to(device)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    acc: dict[str, list] = {}
+    for b in tqdm(loader, desc=desc, unit="batch", leave=False):
+        out = model(b["image"].to(device))
+        got = {"probs": torch.sigmoid(out["logits"]), "labels": b["labels"], "features": out["features"],
+               "index": b["index"]}
+        if "severity" in out:
+            got["severity"], got["side"] = out["severity"], out["side"].argmax(-1)
+        if "severity" in b:
+            got["severity_true"], got["side_true"] = b["severity"], b["side"]
+        for k, v in got.items():
+            acc.setdefault(k, []).append(v.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in acc.items()}
+
+
+def finding_scores(pred: dict, names=FINDING_NAMES) -> dict:
+    """Per finding, over the items where it is present (known side): severity mean absolute
+    error and side accuracy -> {name: {"n", "severity_mae", "side_accuracy"}} (None when n = 0)."""
+    out = {}
+    for j, name in enumerate(names):
+        present = pred["side_true"][:, j] >= 0
+        n = int(present.sum())
+        out[name] = {"n": n,
+                     "severity_mae": float(np.abs(pred["severity"][present, j] - pred["severity_true"][present, j]).mean())
+                     if n else None,
+                     "side_accuracy": float((pred["side"][present, j] == pred["side_true"][present, j]).mean()) if n else None}
+    return out
+
+
+def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_ds=None) -> dict:
+    """Train on the train split, early-stop on the val split's mean AUROC, save the best weights.
+    train_ds/val_ds override the data sets opened from cfg.data (tests, custom data).
+    Returns {"best_epoch", "best_val_auroc", "history": [{"epoch", "loss", "val_auroc"}...]}."""
+    from megamed.eval.metrics import mean_auroc
+
+    torch.manual_seed(cfg.seed)
+    train_ds = WithFindings(train_ds if train_ds is not None else open_split(cfg.data, "train", cfg.size, cfg.uncertain),
+                            cfg.model.findings)
+    val_ds = WithFindings(val_ds if val_ds is not None else open_split(cfg.data, "val", cfg.size, cfg.uncertain),
+                          cfg.model.findings)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.balanced:
+        w = balanced_weights(np.array([r["labels"] for r in train_ds.ds.rows], dtype=np.float64))
+        sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), len(w), replacement=True, generator=gen)
+        loader = torch.utils.data.DataLoader(train_ds, cfg.batch_size, sampler=sampler, collate_fn=_collate,
+                                             num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size)
+    else:
+        loader = torch.utils.data.DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=gen, collate_fn=_collate,
+                                             num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size)
+    model = DenseNetClassifier(cfg.model).to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history, best, best_epoch, best_state, bad_epochs = [], -math.inf, 0, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0, losses = time.time(), []
+        for b in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
+            b = {k: v.to(cfg.device) for k, v in b.items()}
+            loss, _ = classifier_loss(model(b["image"]), b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        pred = predict(model, val_ds, cfg.batch_size, cfg.device, desc="val")
+        score = mean_auroc(pred["probs"], pred["labels"])
+        # a val split with no label having both classes gives NaN: fall back to -loss order (keep last)
+        key = score if not math.isnan(score) else -math.inf
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_auroc": score, "seconds": time.time() - t0})
+        log.info("epoch %d: loss %.4f, val mean AUROC %.4f", epoch, history[-1]["loss"], score)
+        if key > best or best_state is None:
+            best, best_epoch, bad_epochs = key, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                log.info("early stop: no better val AUROC for %d epochs", cfg.patience)
+                break
+    model.load_state_dict(best_state)
+    result = {"best_epoch": best_epoch, "best_val_auroc": None if best == -math.inf else best, "history": history}
+    save_classifier(model.cpu(), out_dir, {"train": _jsonable(asdict(cfg)), "result": result})
+    return result
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))
+
+
+__all__ = ["ClassifierConfig", "DenseNetClassifier", "TrainConfig", "train_classifier", "predict",
+           "load_classifier", "save_classifier", "finding_scores", "load_densenet_weights", "masked_bce", "classifier_loss",
+           "finding_targets", "balanced_weights", "WithFindings", "FINDING_NAMES", "SIDES"]
