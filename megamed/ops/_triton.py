@@ -2,11 +2,8 @@
 
 Neighborhood attention needs no autograd here: megamed.ops.natten's custom ops call this backend's
 forward (-> out, lse) and backward (-> dq, dk, dv) entry points. The patch ops are called directly
-by the public functions, so they are wrapped in their own custom ops with autograd, whose backward
-reuses the forward kernels with the weight transposed (a strided view, no copy), as _cpp.py does:
-
-    merge:  out = blocks(x) @ W^T    d x = split(grad, W^T)     d W = grad^T @ blocks(x)
-    split:  y   = unblocks(x @ W^T)  d x = merge(d y, W^T)      d W = blocks(d y)^T @ x
+by the public functions, so they are wrapped in their own custom ops with the fakes and autograd
+of megamed.ops.patch_autograd (the backward reuses the forward kernels with the weight transposed).
 
 Where it runs:
   * CUDA tensors (fp32, fp16, bf16), priority 15: above cpp (10) and reference (0), below a
@@ -26,6 +23,7 @@ import torch
 
 from megamed import flags
 from megamed.ops.backends import register_backend
+from megamed.ops import patch_autograd
 
 PRIORITY_TRITON = 15
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -93,23 +91,10 @@ register_backend("neighborhood_attention", "triton", can_run=na_can_run, fn=na_f
 # patch merge / split: custom ops (so autograd and torch.compile see through them)
 # ---------------------------------------------------------------------------------------------
 
-def _blocks(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """[B, H, W, C] -> [B*(H/f)*(W/f), f*f*C], each f x f block flattened in (i, j, c) order."""
-    B, H, W, C = x.shape
-    f = factor
-    return x.reshape(B, H // f, f, W // f, f, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, f * f * C)
-
-
 @torch.library.custom_op("megamed::triton_patch_merge", mutates_args=())
 def triton_patch_merge(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        factor: int) -> torch.Tensor:
     return _patch.patch_merge(x, weight, bias, factor=factor)
-
-
-@triton_patch_merge.register_fake
-def _(x, weight, bias, factor):
-    B, H, W, _ = x.shape
-    return x.new_empty((B, H // factor, W // factor, weight.shape[0]))
 
 
 @torch.library.custom_op("megamed::triton_patch_split", mutates_args=())
@@ -118,69 +103,10 @@ def triton_patch_split(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return _patch.patch_split(x, weight, bias, factor=factor, skip=skip, lerp=lerp)
 
 
-@triton_patch_split.register_fake
-def _(x, weight, bias, factor, skip, lerp):
-    B, h, w, _ = x.shape
-    return x.new_empty((B, h * factor, w * factor, weight.shape[0] // (factor * factor)))
-
-
-def _merge_setup(ctx, inputs, output):
-    x, weight, bias, factor = inputs
-    ctx.factor = factor
-    ctx.save_for_backward(x, weight)
-
-
-def _merge_backward(ctx, grad):
-    # grad [B, h, w, Cout]
-    x, weight = ctx.saved_tensors
-    f = ctx.factor
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x = grad_w = grad_b = None
-    if need_x:  # [B, H, W, C]: grad @ W scattered back into blocks = split with W^T [f*f*C, Cout]
-        grad_x = triton_patch_split(grad, weight.t(), None, f, None, None)
-    if need_w:  # [Cout, f*f*C]
-        grad_w = grad.reshape(-1, weight.shape[0]).t() @ _blocks(x, f)
-    if need_b:
-        grad_b = grad.sum((0, 1, 2))
-    return grad_x, grad_w, grad_b, None
-
-
-def _split_setup(ctx, inputs, output):
-    x, weight, bias, factor, skip, lerp = inputs
-    ctx.factor = factor
-    ctx.save_for_backward(x, weight, bias, skip, lerp)
-
-
-def _split_backward(ctx, grad):
-    # grad [B, h*f, w*f, Cout]
-    x, weight, bias, skip, lerp = ctx.saved_tensors
-    f = ctx.factor
-    need_x, need_w, need_b, _, need_skip, need_lerp = ctx.needs_input_grad
-    grad_skip = grad_lerp = None
-    grad_y = grad
-    if skip is not None:
-        # out = skip + lerp * (y - skip):  d y = lerp * grad,  d skip = (1 - lerp) * grad
-        grad_y = (grad * lerp).to(grad.dtype)
-        if need_skip:
-            grad_skip = grad - grad_y
-        if need_lerp:  # recompute y rather than save a full-resolution activation
-            y = triton_patch_split(x, weight, bias, f, None, None)
-            d = grad * (y - skip)
-            grad_lerp = (d.sum() if lerp.dim() == 0 else d.sum((0, 1, 2))).to(lerp.dtype)
-    grad_x = grad_w = grad_b = None
-    if need_x:  # [B, h, w, Cin]: blocks(d y) @ W = merge with W^T [Cin, f*f*Cout]
-        grad_x = triton_patch_merge(grad_y, weight.t(), None, f)
-    if need_w or need_b:
-        gb = _blocks(grad_y, f)  # [M, f*f*Cout]
-        if need_w:
-            grad_w = gb.t() @ x.reshape(-1, x.shape[-1])
-        if need_b:
-            grad_b = gb.sum(0)
-    return grad_x, grad_w, grad_b, None, grad_skip, grad_lerp
-
-
-triton_patch_merge.register_autograd(_merge_backward, setup_context=_merge_setup)
-triton_patch_split.register_autograd(_split_backward, setup_context=_split_setup)
+triton_patch_merge.register_fake(patch_autograd.merge_fake)
+triton_patch_split.register_fake(patch_autograd.split_fake)
+patch_autograd.register_patch_autograd("megamed::triton_patch_merge", "megamed::triton_patch_split",
+                                       triton_patch_merge, triton_patch_split)
 
 
 def merge_can_run(x, weight, bias, *, factor) -> "str | None":
