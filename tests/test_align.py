@@ -193,5 +193,6 @@ def test_cli_train_and_score(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(lines) == 2 and all(-1 <= float(line.split()[0]) <= 1 for line in lines)
     assert load_align(tmp_path / "out").cfg == tiny_cfg(32)
-    with pytest.raises(ValueError, match="batch_size"):
-        main(["align", "train", "--data", str(data), "--out", str(tmp_path / "o2"), "--size", "32", "--batch", "1"])
+    # bad input: the CLI prints one line naming the argument and exits 2 (no traceback)
+    rc = main(["align", "train", "--data", str(data), "--out", str(tmp_path / "o2"), "--size", "32", "--batch", "1"])
+    assert rc == 2 and "batch_size" in capsys.readouterr().err
