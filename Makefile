@@ -28,6 +28,7 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	bash scripts/nvcc_check.sh
+	PY=$(BIN)/python bash csrc/cuda/check_glue.sh
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not gpu" --durations=25
 
 quickstart: $(STAMP)

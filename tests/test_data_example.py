@@ -87,6 +87,14 @@ def test_generate_round_trip_determinism_and_resume(tmp_path, monkeypatch):
     assert (a / "images/000001.png").read_bytes() == original
     assert len(read_metadata(a)) == 3
 
+    # resuming into the folder with settings that change the plan is refused (old PNGs would be
+    # kept under the new plan's labels); the worker count does not matter
+    with pytest.raises(ValueError, match="seed: 5 -> 6"):
+        generate(a, ExampleConfig(count=3, seed=6, bodies=2, **SMALL), progress=False)
+    with pytest.raises(ValueError, match="count: 3 -> 4"):
+        generate(a, ExampleConfig(count=4, seed=5, bodies=2, **SMALL), progress=False)
+    assert generate(a, ExampleConfig(count=3, seed=5, bodies=2, workers=2, **SMALL), progress=False) == 0
+
 
 def test_different_seed_different_images(tmp_path):
     generate(tmp_path / "a", ExampleConfig(count=1, seed=1, **SMALL), progress=False)

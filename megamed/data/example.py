@@ -239,12 +239,32 @@ def _run(args: list, cfg: ExampleConfig):
         yield from pool.imap_unordered(_task, args, chunksize=chunk)
 
 
+def _claim(out: Path, cfg: ExampleConfig) -> None:
+    """Record the settings that decide the images in out/example.json, and refuse to resume into a
+    folder made with other settings: its finished PNGs would be kept under the new plan's labels."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}
+    settings["n_bodies"] = cfg.n_bodies
+    path = out / "example.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise ValueError(f"{out} holds an example set made with other settings "
+                             f"({', '.join(f'{k}: {old.get(k)} -> {settings.get(k)}' for k in diff)}); "
+                             f"use another --out, or the same settings to resume")
+        return
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def generate(out: str | Path, cfg: ExampleConfig, progress: bool = True) -> int:
     """Render the data set into `out`; returns how many images were rendered (not skipped)."""
     from tqdm import tqdm
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    _claim(out, cfg)
     items = plan(cfg)
     rows = {it["index"]: make_row(it) for it in items}
     todo = [it for it in items if not png_complete(out / rows[it["index"]]["Path"], cfg.size)]
