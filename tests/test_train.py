@@ -426,3 +426,37 @@ def test_tiny_model_learns(tmp_path):
     assert result["steps_run"] == 100 and len(losses) == 100
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
     assert last < 0.8 * first, (first, last)
+
+
+def test_hf_text_encoder_trains_and_samples_with_its_own_tokenizer(tmp_path, data_dir):
+    """text.kind='hf': the run uses the tokenizer saved beside the local HF model (not megamed's
+    BPE), exports it with the model, and sampling from the export works."""
+    transformers = pytest.importorskip("transformers")
+    from megamed.generate import SamplingConfig, load_pipeline, sample_images
+    from megamed.text.tokenizer import HFTokenizer
+    from megamed.train import train
+
+    words = sorted({w.strip(",").lower() for r in layout.read_metadata(data_dir) for w in r["prompt"].split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "bert" / "vocab.txt"))
+    tok.save_pretrained(str(tmp_path / "bert"))
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=40)).save_pretrained(tmp_path / "bert")
+
+    model_cfg, diff_cfg, train_cfg = tiny_setup(data_dir, max_steps=2, save_every=2)
+    model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(
+        model_cfg.text, kind="hf", hf_path=str(tmp_path / "bert"), max_length=16))
+    out = train(tmp_path / "run", model_cfg, diff_cfg, train_cfg, progress=False)
+    assert out["step"] == 2 and np.isfinite(out["loss"])
+
+    pipe = load_pipeline(tmp_path / "run", device="cpu")
+    assert isinstance(pipe.tokenizer, HFTokenizer)
+    ids, mask = pipe.tokenizer.encode(["Chest X-ray showing cardiomegaly"], 16)
+    assert ids[0, 0].item() == tok.cls_token_id and mask.sum() < 16     # BERT's own ids, padded
+    imgs = sample_images(pipe.model, pipe.diffusion, pipe.tokenizer, ["Chest X-ray showing cardiomegaly"], [0],
+                         height=32, width=32, cfg=SamplingConfig(steps=2), progress=False)
+    assert imgs.shape == (1, 1, 32, 32) and torch.isfinite(imgs).all()

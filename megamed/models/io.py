@@ -116,9 +116,9 @@ def from_pretrained(directory: str | Path, *, dtype: torch.dtype | None = None,
 
     tokenizer = None
     if (directory / TOKENIZER_DIR).is_dir():
-        from megamed.text.tokenizer import PromptTokenizer
+        from megamed.text.tokenizer import load_tokenizer_dir
 
-        tokenizer = PromptTokenizer.load(directory / TOKENIZER_DIR)
+        tokenizer = load_tokenizer_dir(directory / TOKENIZER_DIR)
     return model, tokenizer, data
 
 

@@ -190,3 +190,52 @@ def train_report_tokenizer(vocab_size: int = 8192, out_dir: str | Path | None = 
     tok = train_bpe(report_corpus(progress), vocab_size)
     tok.save(out_dir)
     return tok
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a LOCAL directory, behind PromptTokenizer's interface, for
+    models whose text encoder is a Hugging Face model (text.kind="hf"): its ids must be the ones
+    that encoder was trained with, so megamed's BPE cannot stand in for it."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer: the Hugging Face tokenizer has no pad token")
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "HFTokenizer":
+        try:
+            import transformers
+        except ImportError as e:
+            raise ImportError("a Hugging Face tokenizer needs transformers: pip install 'megamed[hf]'") from e
+        return cls(transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids LongTensor [B, max_length], mask BoolTensor [B, max_length]; True = real token)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        return out["input_ids"].long(), out["attention_mask"].bool()
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(str(directory))
+        return directory
+
+
+def load_tokenizer_dir(directory: str | Path):
+    """A saved tokenizer directory -> PromptTokenizer, or HFTokenizer when it holds a Hugging Face
+    tokenizer (tokenizer_config.json, which save_pretrained writes and PromptTokenizer.save does not)."""
+    directory = Path(directory)
+    if (directory / "tokenizer_config.json").exists():
+        return HFTokenizer.load(directory)
+    return PromptTokenizer.load(directory)

@@ -84,18 +84,24 @@ def _template_tokenizer():
 
 
 def load_tokenizer(spec: str, model_cfg):
-    """'templates' -> the built-in prompt tokenizer; otherwise a saved tokenizer directory."""
+    """'templates' -> the built-in prompt tokenizer (or, for a Hugging Face text encoder, the
+    tokenizer saved beside it in text.hf_path); otherwise a saved tokenizer directory."""
     if not model_cfg.text.enabled:
         return None
-    from megamed.text.tokenizer import PromptTokenizer
+    from megamed.text.tokenizer import HFTokenizer, load_tokenizer_dir
 
-    if spec == "templates":
+    if spec == "templates" and model_cfg.text.kind == "hf":
+        tok = HFTokenizer.load(model_cfg.text.hf_path)
+    elif spec == "templates":
         tok = _template_tokenizer()
     else:
         path = Path(spec)
         if not path.is_dir():
             raise ValueError(f"tokenizer: {spec!r} is neither 'templates' nor a saved tokenizer directory")
-        tok = PromptTokenizer.load(path)
+        tok = load_tokenizer_dir(path)
+    if model_cfg.text.kind == "hf" and not isinstance(tok, HFTokenizer):
+        raise ValueError(f"tokenizer: a Hugging Face text encoder (text.kind='hf') needs its own tokenizer, "
+                         f"not megamed's BPE; save it in {model_cfg.text.hf_path} or pass --tokenizer DIR")
     vocab = getattr(tok, "vocab_size", None)
     if model_cfg.text.kind == "transformer" and vocab is not None and vocab > model_cfg.text.vocab_size:
         raise ValueError(f"tokenizer: vocabulary of {vocab} ids does not fit the model's text.vocab_size="
