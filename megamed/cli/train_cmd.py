@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="model config name (tiny, small, base, large-1024, ...) or JSON path")
     p.add_argument("--diffusion", help="JSON file of DiffusionConfig fields (default: EDM settings)")
     p.add_argument("--data", help="data-set directory (metadata.csv + images/)")
-    p.add_argument("--out", required=True, help="run directory RUN")
+    p.add_argument("--out", help="run directory RUN (required unless --plan)")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (default 1000)")
     p.add_argument("--batch", type=int, help="batch size (default 8)")
@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
                    help="metrics.csv only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from megamed.train.plan import add_arguments as add_plan_arguments
+
+    add_plan_arguments(p)  # --plan, --gpu-memory, --gpus, --plan-dtype
     p.set_defaults(func=run_train)
 
 
@@ -78,6 +81,12 @@ def run_train(args) -> int:
     from megamed.train.config import apply_overrides, resume_conflicts
     from megamed.utils.dataclass_json import ConfigError, load_json
 
+    if args.plan:
+        from megamed.train import plan
+
+        return plan.main(args)
+    if not args.out:
+        raise ValueError("--out is required (the run directory), unless --plan")
     run_dir = Path(args.out)
     overrides = _overrides(args)
     if args.data is not None:

@@ -44,6 +44,7 @@ class MetricsLogger:
         self._csv = csv.DictWriter(self._file, fieldnames=METRIC_COLUMNS)
         if new:
             self._csv.writeheader()
+        self._gpu_csv = self._gpu_file = None
         self._tb = None
         if tensorboard:
             try:
@@ -76,6 +77,23 @@ class MetricsLogger:
                 if k not in ("epoch", "wall_s"):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
+    def log_gpu(self, step: int, row: dict) -> None:
+        """GPU telemetry (megamed.train.telemetry.as_row: gpu0_mem_used_mib, ...) -> logs/gpu.csv,
+        whose columns are fixed by its first row, and TensorBoard scalars under gpu/."""
+        if self._gpu_csv is None:
+            path = self.dir / "gpu.csv"
+            new = not path.is_file()
+            self._gpu_file = open(path, "a", newline="")
+            self._gpu_csv = csv.DictWriter(self._gpu_file, fieldnames=["step", *row], extrasaction="ignore")
+            if new:
+                self._gpu_csv.writeheader()
+        self._gpu_csv.writerow({"step": step, **row})
+        self._gpu_file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if v is not None:
+                    self._tb.add_scalar(f"gpu/{k}", v, step)
+
     def add_image(self, tag: str, image_chw01, step: int) -> None:
         """image_chw01: float tensor [C, H, W] in [0, 1]."""
         if self._tb is not None:
@@ -83,5 +101,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._file.close()
+        if self._gpu_file is not None:
+            self._gpu_file.close()
         if self._tb is not None:
             self._tb.close()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from megamed.train import checkpoint as ckpt
+from megamed.train.telemetry import GpuTelemetry, format_short
 from megamed.train import rng
 from megamed.train.config import TrainConfig, load_run_config, resume_conflicts, save_run_config
 from megamed.train.ema import ema_decay, ema_update
@@ -296,6 +297,10 @@ def train(run_dir: str | Path, model_cfg, diffusion_cfg, train_cfg: TrainConfig,
     restore_handlers = _install_stop_handlers(stop)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
+    # GPU telemetry (nvidia-ml-py) at every log step; switches itself off with one log line
+    # where there is no driver or a query is not supported (MIG)
+    telemetry = GpuTelemetry(cfg.log_every) if device.type == "cuda" else None
+    gpu_text = ""
     start_step, last_loss, saved_step = step, float("nan"), (step if last is not None and resume else -1)
     t_start = t_log = time.perf_counter()
     images_since_log, images_per_s, t_other, t_other_total = 0, 0.0, 0.0, 0.0
@@ -344,7 +349,12 @@ def train(run_dir: str | Path, model_cfg, diffusion_cfg, train_cfg: TrainConfig,
                 t_log, t_other, images_since_log = now, 0.0, 0
                 logger.log(step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), images_per_s=images_per_s,
                            epoch=epoch, wall_s=now - t_start)
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.1f}")
+                if telemetry is not None and telemetry.enabled:
+                    gpu = telemetry.sample()
+                    logger.log_gpu(step, telemetry.as_row(gpu))
+                    gpu_text = format_short(gpu)
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images_per_s:.1f}",
+                                **({"gpu": gpu_text} if gpu_text else {}))
             t0 = time.perf_counter()
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save(step)
@@ -358,6 +368,8 @@ def train(run_dir: str | Path, model_cfg, diffusion_cfg, train_cfg: TrainConfig,
     finally:
         bar.close()
         logger.close()
+        if telemetry is not None:
+            telemetry.close()
         restore_handlers()
 
     interrupted = bool(stop.get("signal")) and step < cfg.max_steps
