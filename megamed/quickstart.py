@@ -233,7 +233,11 @@ def stage_train(out: Path, cfg: QuickstartConfig) -> dict:
                        keep_last=1, seed=cfg.seed)
     if (run / "config.json").is_file() and load_run_config(run)[2] != tcfg:
         shutil.rmtree(run)  # a different quickstart config: start this stage over
-    result = train(run, model_cfg, DiffusionConfig(), tcfg, resume=True, progress=True)
+    from megamed.train.checkpoint import latest_checkpoint
+
+    # resume only what an earlier quickstart left (a rerun skips finished training)
+    resume = (run / "config.json").is_file() and latest_checkpoint(run) is not None
+    result = train(run, model_cfg, DiffusionConfig(), tcfg, resume=resume, progress=True)
     steps, losses = _read_losses(run / "logs" / "metrics.csv")
     q = max(1, len(losses) // 4)
     plot_loss(steps, losses, out / "images" / "loss.png",
