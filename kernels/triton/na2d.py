@@ -68,6 +68,24 @@ def _tile_coords(pid, H, W, DIL: tl.constexpr, TH: tl.constexpr, TW: tl.constexp
     return ry, rx, nh, nw, (tile // tiles_w) * TH, (tile % tiles_w) * TW
 
 
+@triton.jit
+def _query_tile(pid, H, W, KS: tl.constexpr, DIL: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """The program's query tile, flattened row-major ([M] = TH*TW): residues (ry, rx), sub-grid
+    size (nh, nw), sub-grid coordinates (t, u), validity q_ok, and each query's first window
+    key row/column (st, su), and the tile's halo = union of its windows (rows h0..h1, columns
+    w0..w1, exclusive upper bounds). Shared by the forward and the dQ pass, which walk the same tiles."""
+    ry, rx, nh, nw, t0, u0 = _tile_coords(pid, H, W, DIL, TH, TW)
+    m = tl.arange(0, TH * TW)
+    t = t0 + m // TW
+    u = u0 + m % TW
+    q_ok = (t < nh) & (u < nw)
+    h0 = _window_start(t0, nh, KS)
+    h1 = _window_start(tl.minimum(t0 + TH - 1, nh - 1), nh, KS) + KS
+    w0 = _window_start(u0, nw, KS)
+    w1 = _window_start(tl.minimum(u0 + TW - 1, nw - 1), nw, KS) + KS
+    return ry, rx, nh, nw, t, u, q_ok, _window_start(t, nh, KS), _window_start(u, nw, KS), h0, h1, w0, w1
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -88,26 +106,14 @@ def _na2d_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // HEADS).to(tl.int64)
     head = bh % HEADS
-    ry, rx, nh, nw, t0, u0 = _tile_coords(pid, H, W, DIL, TH, TW)
-
-    # query tile, flattened row-major: [M] sub-grid coordinates (t, u)
-    m = tl.arange(0, TH * TW)
-    t = t0 + m // TW
-    u = u0 + m % TW
-    q_ok = (t < nh) & (u < nw)
-    st = _window_start(t, nh, KS)  # [M] first key row of each query's window
-    su = _window_start(u, nw, KS)
+    # query tile, flattened row-major: [M] sub-grid coordinates (t, u), window starts (st, su),
+    # halo rows h0..h1 / columns w0..w1 (the union of the tile's windows)
+    ry, rx, nh, nw, t, u, q_ok, st, su, h0, h1, w0, w1 = _query_tile(pid, H, W, KS, DIL, TH, TW)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
 
     q_ptr = Q + b * sqb + head * sqn + (ry + t * DIL)[:, None] * sqh + (rx + u * DIL)[:, None] * sqw + d[None, :] * sqd
     q = tl.load(q_ptr, mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # [M, BLOCK_D]
-
-    # halo = union of the tile's windows (exclusive upper bounds)
-    h0 = _window_start(t0, nh, KS)
-    h1 = _window_start(tl.minimum(t0 + TH - 1, nh - 1), nh, KS) + KS
-    w0 = _window_start(u0, nw, KS)
-    w1 = _window_start(tl.minimum(u0 + TW - 1, nw - 1), nw, KS) + KS
 
     # finite "minus infinity" for the running max: a fully masked (out-of-image) query row
     # then gives exp2(-inf - (-1e30)) = 0 instead of NaN
@@ -172,14 +178,7 @@ def _na2d_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = (bh // HEADS).to(tl.int64)
     head = bh % HEADS
-    ry, rx, nh, nw, t0, u0 = _tile_coords(pid, H, W, DIL, TH, TW)
-
-    m = tl.arange(0, TH * TW)
-    t = t0 + m // TW
-    u = u0 + m % TW
-    q_ok = (t < nh) & (u < nw)
-    st = _window_start(t, nh, KS)
-    su = _window_start(u, nw, KS)
+    ry, rx, nh, nw, t, u, q_ok, st, su, h0, h1, w0, w1 = _query_tile(pid, H, W, KS, DIL, TH, TW)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     md = q_ok[:, None] & d_ok[None, :]
@@ -194,11 +193,6 @@ def _na2d_bwd_dq_kernel(
     l_off = b * slb + head * sln + (ry + t * DIL) * slh + (rx + u * DIL) * slw
     tl.store(DELTA + l_off, delta, mask=q_ok)
     lse2 = tl.load(LSE + l_off, mask=q_ok, other=0.0) * 1.4426950408889634  # natural -> base 2
-
-    h0 = _window_start(t0, nh, KS)
-    h1 = _window_start(tl.minimum(t0 + TH - 1, nh - 1), nh, KS) + KS
-    w0 = _window_start(u0, nw, KS)
-    w1 = _window_start(tl.minimum(u0 + TW - 1, nw - 1), nw, KS) + KS
 
     dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     # the forward's halo walk
