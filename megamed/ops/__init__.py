@@ -26,7 +26,7 @@ log = logging.getLogger("megamed.ops")
 # Modules that register extra backends on import (compiled extension, Triton, CUDA).
 # A module that is not written yet is skipped; one that fails to import is logged, and
 # the backends it would have registered are simply absent (forcing them says so).
-_BACKEND_MODULES = ("megamed.ops._cpp", "megamed.ops._triton", "megamed.ops._tiled")
+_BACKEND_MODULES = ("megamed.ops._cpp", "megamed.ops._triton", "megamed.ops._tiled", "megamed.ops._cuda_na")
 
 for _name in _BACKEND_MODULES:
     try:
