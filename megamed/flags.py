@@ -14,6 +14,9 @@ BACKEND_ENV = "MEGAMED_BACKEND"
 CACHE_ENV = "MEGAMED_CACHE"
 # Set to 1 to skip loading the compiled extension megamed._C (reference backends serve).
 NO_EXT_ENV = "MEGAMED_NO_EXT"
+# Test hook read by the C++ CPU neighborhood-attention ops (csrc/na2d_cpu.cpp): 1 fills their
+# outputs with NaN before the kernels run, so an element they forget to write shows up.
+NA_CPP_POISON_ENV = "MEGAMED_NA_CPP_POISON"
 
 
 def forced_backend() -> str | None:
