@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the Triton kernels: build, GPU tests, benchmarks. Total <= ~8 minutes.
+# One-shot GPU check for the Triton kernels: build, GPU tests, benchmarks (~8 minutes; the ZeRO
+# benchmark, step 4, adds up to 10 more when deepspeed is installed).
 #
 #   OUT=/some/dir PY=python3 bash benchmarks/gpu_check.sh
 #
@@ -49,4 +50,17 @@ step pytest_gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider --timeout 100 
 # 3. benchmarks (each stops starting new measurements when its budget is spent)
 step bench_na2d 180 "$PY" benchmarks/bench_na2d.py --out "$OUT" --budget-s 130
 step bench_patch 45 "$PY" benchmarks/bench_patch.py --out "$OUT"
+# whole-model train and sample steps of base and large-1024 at 1024^2: reference ops vs fused (model_step.md)
+step bench_model_step 150 "$PY" benchmarks/bench_model_step.py --out "$OUT" --budget-s 100
+
+# 4. ZeRO memory benchmark: large-1024 at 1024^2, batch 1, checkpointing, capped at 24 GiB: stage 0 vs
+#    stage 3 + optimizer offload vs + parameter offload, next to --plan's prediction (zero.{jsonl,md}).
+#    The GPU image has no deepspeed: carry its wheel (built here with `DS_BUILD_OPS=0 pip wheel --no-deps
+#    deepspeed==0.19.8`, plus hjson, msgpack, py-cpuinfo, einops if missing) and pip install it with
+#    --no-deps before this script (see /work/.library/device/README.md); without it this step is skipped.
+if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+  step bench_zero 600 "$PY" benchmarks/bench_zero.py --out "$OUT" --timeout-s 180
+else
+  note "- bench_zero: skipped (deepspeed not importable by $PY)"
+fi
 note "done in $SECONDS s"
