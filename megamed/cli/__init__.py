@@ -18,6 +18,7 @@ _COMMANDS = [
     "megamed.cli.model_cmd",       # megamed model info
     "megamed.cli.align_cmd",       # megamed align train
     "megamed.cli.train_cmd",       # megamed train
+    "megamed.cli.export_weights_cmd",  # megamed export-weights
     "megamed.cli.sample_cmd",      # megamed sample | generate
     "megamed.cli.eval_cmd",        # megamed eval classifier|fidelity|memorisation
     "megamed.cli.quickstart_cmd",  # megamed quickstart
@@ -27,6 +28,8 @@ _COMMANDS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megamed", description="High-resolution medical image generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # the `deepspeed` launcher runs `megamed --local_rank=N train ...` (its value is also in LOCAL_RANK)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
         try:

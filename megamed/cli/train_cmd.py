@@ -2,6 +2,8 @@
 
     megamed train --config tiny --data DATA --out RUN --max-steps 1000
     megamed train --out RUN --resume [--max-steps 2000]
+    torchrun --nproc_per_node 2 -m megamed train ... --zero-stage 3     # DeepSpeed ZeRO, 2 processes
+    deepspeed --num_gpus 8 --module megamed train ... --deepspeed configs/deepspeed/zero2.json
 
 Every flag defaults to None here, so we know which ones the user actually gave: a fresh run
 fills the rest from TrainConfig's defaults; a resumed run takes them from RUN/config.json and
@@ -9,6 +11,9 @@ refuses given flags that would change what a step computes.
 """
 from __future__ import annotations
 
+import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +24,7 @@ _FIELDS = {
     "cond_drop": "cond_drop_prob", "save_every": "save_every", "keep_last": "keep_last",
     "sample_every": "sample_every", "sample_steps": "sample_steps", "log_every": "log_every", "seed": "seed",
     "tokenizer": "tokenizer", "device": "device", "workers": "num_workers", "split": "split",
-    "tensorboard": "tensorboard",
+    "tensorboard": "tensorboard", "grad_accum_steps": "grad_accum_steps",
 }
 
 
@@ -54,6 +59,17 @@ def register(subparsers) -> None:
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
                    help="metrics.csv only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--grad-accum-steps", type=int,
+                   help="micro-batches per step and process: same global --batch, less activation memory (default 1)")
+    g = p.add_argument_group("DeepSpeed ZeRO (launch with torchrun or deepspeed for several processes)")
+    g.add_argument("--deepspeed", metavar="CONFIG",
+                   help="DeepSpeed JSON config, or a shipped example name (zero1, zero2, zero3, zero3-offload, ...)")
+    g.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3],
+                   help="shortcut that writes RUN/deepspeed.json: ZeRO stage (0 = plain data parallel)")
+    g.add_argument("--offload-optimizer", choices=["cpu", "none"], help="with --zero-stage >= 1: Adam states on CPU")
+    g.add_argument("--offload-params", choices=["cpu", "none"], help="with --zero-stage 3: parameters on CPU too")
+    # the `deepspeed` launcher appends --local_rank=N (torchrun sets LOCAL_RANK); the value is read from the env
+    g.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     from megamed.train.plan import add_arguments as add_plan_arguments
 
     add_plan_arguments(p)  # --plan, --gpu-memory, --gpus, --plan-dtype
@@ -74,6 +90,26 @@ def _overrides(args) -> dict:
     return out
 
 
+def deepspeed_config(args) -> dict | None:
+    """The DeepSpeed config the flags ask for (validated: an unknown key fails here, before any
+    model is built), or None if they ask for none."""
+    from megamed.train import zero
+
+    offload = [f for f in ("offload_optimizer", "offload_params") if getattr(args, f, None) is not None]
+    if args.deepspeed is not None and args.zero_stage is not None:
+        raise ValueError("give --deepspeed CONFIG or --zero-stage N, not both")
+    if args.deepspeed is not None:
+        if offload:
+            raise ValueError(f"--{offload[0].replace('_', '-')} goes with --zero-stage; with --deepspeed set "
+                             f"zero_optimization.offload_* in the JSON")
+        return zero.load_config(args.deepspeed)
+    if args.zero_stage is not None:
+        return zero.build_config(args.zero_stage, args.offload_optimizer, args.offload_params)
+    if offload:
+        raise ValueError(f"--{offload[0].replace('_', '-')} needs --zero-stage")
+    return None
+
+
 def run_train(args) -> int:
     from megamed.diffusion import DiffusionConfig
     from megamed.models import load_model_config
@@ -88,9 +124,16 @@ def run_train(args) -> int:
     if not args.out:
         raise ValueError("--out is required (the run directory), unless --plan")
     run_dir = Path(args.out)
+    if "local_rank" in args:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if int(os.environ.get("RANK", "0")) > 0:
+        logging.getLogger().setLevel(logging.WARNING)  # only rank 0 reports progress
     overrides = _overrides(args)
     if args.data is not None:
         overrides["data"] = str(Path(args.data).resolve())
+    ds_config = deepspeed_config(args)
+    if ds_config is not None:
+        overrides["deepspeed"] = True
     try:
         if args.resume and (run_dir / "config.json").is_file():
             model_cfg, diffusion_cfg, stored = load_run_config(run_dir)
@@ -114,13 +157,15 @@ def run_train(args) -> int:
             diffusion_cfg = load_json(DiffusionConfig, args.diffusion) if args.diffusion else DiffusionConfig()
             train_cfg = TrainConfig(**overrides)
         result = train(run_dir, model_cfg, diffusion_cfg, train_cfg, resume=args.resume,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, deepspeed_config=ds_config)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) > 0:
+        return 0
     if result["interrupted"]:
         print(f"interrupted at step {result['step']}: checkpoint {result['checkpoint']} written; "
               f"continue with: megamed train --out {run_dir} --resume")

@@ -6,6 +6,10 @@
     step-N/state.pt            step, data position (epoch, offset), RNG states
     step-N/state.json          the same scalars, for people
 
+A DeepSpeed run (megamed.train.zero) writes the same state.pt/state.json/ema.safetensors, and
+DeepSpeed's own files (mp_rank_*/zero_pp_rank_* model and optimizer partitions) instead of
+model.safetensors and optimizer.pt.
+
 A checkpoint is built in step-N.tmp/ and renamed into place, so a kill mid-write leaves the
 previous checkpoints intact and never a half-written step-N/. Leftover *.tmp dirs are ignored
 by `latest_checkpoint` and removed by the next save.
@@ -59,32 +63,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, ema_model: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, state: dict, keep_last: int = 0) -> Path:
-    """Write RUN/checkpoints/step-{step}/ atomically, then prune to the newest `keep_last` (0 = all).
-
-    state: small picklable dict (step, epoch, offset, rng states, ...); its scalars also go to
-    state.json.
-    """
-    from safetensors.torch import save_model
-
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Make a fresh RUN/checkpoints/step-{step}.tmp/ (removing leftovers of killed saves) and return it."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("*.tmp"):  # from a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
     tmp.mkdir()
-    # save_model (not save_file) handles tied/shared weights.
-    save_model(model, str(tmp / "model.safetensors"))
-    save_model(ema_model, str(tmp / "ema.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    return tmp
+
+
+def write_state(tmp: Path, step: int, state: dict) -> None:
+    """tmp/state.pt (everything, pickled) and tmp/state.json (its scalars, for people)."""
     torch.save(dict(state, step=step), tmp / "state.pt")
     scalars = {k: v for k, v in dict(state, step=step).items() if isinstance(v, (int, float, str, bool))}
     (tmp / "state.json").write_text(json.dumps(scalars, indent=2) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+
+
+def commit_checkpoint(run_dir: str | Path, tmp: Path, step: int, keep_last: int = 0) -> Path:
+    """fsync everything in tmp (recursively), rename it to step-{step}, prune to the newest keep_last."""
+    root = checkpoint_dir(run_dir)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    final = root / f"step-{step}"
     if final.exists():  # same step saved again (e.g. interrupted right after a resume): swap
         old = root / f"step-{step}.old.tmp"
         final.rename(old)
@@ -97,6 +101,24 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, ema_mod
         for _, path in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, ema_model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, state: dict, keep_last: int = 0) -> Path:
+    """Write RUN/checkpoints/step-{step}/ atomically, then prune to the newest `keep_last` (0 = all).
+
+    state: small picklable dict (step, epoch, offset, rng states, ...); its scalars also go to
+    state.json.
+    """
+    from safetensors.torch import save_model
+
+    tmp = begin_checkpoint(run_dir, step)
+    # save_model (not save_file) handles tied/shared weights.
+    save_model(model, str(tmp / "model.safetensors"))
+    save_model(ema_model, str(tmp / "ema.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    write_state(tmp, step, state)
+    return commit_checkpoint(run_dir, tmp, step, keep_last)
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, ema_model: nn.Module,

@@ -22,7 +22,8 @@ class TrainConfig:
     split: str | None = "train"     # metadata split to train on; None = all rows
     size: int = 0                   # training resolution (square); 0 = the model's default_resolution
     max_steps: int = 1000           # total optimizer steps of the run (a resume continues to it)
-    batch_size: int = 8
+    batch_size: int = 8             # GLOBAL batch per optimizer step (all processes, all micro-batches together)
+    grad_accum_steps: int = 1       # micro-batches per step per process (same result, less activation memory)
     lr: float = 1e-4
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.99)
@@ -44,9 +45,10 @@ class TrainConfig:
     log_every: int = 10             # metrics.csv / TensorBoard row every K steps
     tensorboard: bool = True
     device: str = "auto"            # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    deepspeed: bool = False         # DeepSpeed ZeRO (config in RUN/deepspeed.json; megamed.train.zero)
 
     def __post_init__(self):
-        positive = ["max_steps", "batch_size", "save_every", "sample_steps", "log_every"]
+        positive = ["max_steps", "batch_size", "grad_accum_steps", "save_every", "sample_steps", "log_every"]
         for name in positive:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -73,7 +75,7 @@ class TrainConfig:
 # Fields that may change between the original run and a resume: they do not change what a
 # step computes, only how many steps run and what is written along the way.
 RESUMABLE_FIELDS = {"max_steps", "save_every", "keep_last", "sample_every", "sample_steps", "sample_guidance",
-                    "log_every", "tensorboard", "device", "num_workers", "grad_checkpointing"}
+                    "log_every", "tensorboard", "device", "num_workers", "grad_checkpointing", "grad_accum_steps"}
 
 
 def save_run_config(run_dir: str | Path, model_cfg, diffusion_cfg, train_cfg: TrainConfig) -> Path:

@@ -38,10 +38,12 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(_SAMPLE, seed, step, index))
 
 
-def step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """Seed for the global RNG during one step (model dropout etc.), reset every step so a
-    resumed run does not need to restore the global RNG stream."""
-    return derive_seed(_STEP, seed, step)
+    resumed run does not need to restore the global RNG stream. Each rank of a multi-process
+    run gets its own stream (rank 0's is the single-process one), so ranks do not draw the
+    same dropout masks."""
+    return derive_seed(_STEP, seed, step) if rank == 0 else derive_seed(_STEP, seed, step, rank)
 
 
 def init_seed(seed: int) -> int:
@@ -101,16 +103,31 @@ def batch_at(seed: int, n: int, batch_size: int, epoch: int, offset: int) -> tup
     return out, epoch, offset
 
 
+def local_slice(batch_size: int, rank: int, world: int) -> slice:
+    """Which positions of a global batch of `batch_size` rank `rank` of `world` takes: the
+    contiguous block [rank*b, (rank+1)*b) with b = batch_size / world (must divide)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} is not divisible by the world size {world}")
+    b = batch_size // world
+    return slice(rank * b, (rank + 1) * b)
+
+
 class BatchPlan:
     """Iterable of data-set index lists from a data position: a DataLoader `batch_sampler`.
 
     The order is a pure function of (seed, epoch, offset), so DataLoader workers (which only
-    load items) cannot change it, and prefetching ahead of a checkpoint is harmless.
+    load items) cannot change it, and prefetching ahead of a checkpoint is harmless. With
+    world > 1 each rank yields only its block of every global batch (local_slice), so the
+    ranks together see exactly the single-process batches.
     """
 
-    def __init__(self, seed: int, n: int, batch_size: int, epoch: int, offset: int, num_batches: int):
+    def __init__(self, seed: int, n: int, batch_size: int, epoch: int, offset: int, num_batches: int,
+                 rank: int = 0, world: int = 1):
         self.seed, self.n, self.batch_size = seed, n, batch_size
         self.epoch, self.offset, self.num_batches = epoch, offset, num_batches
+        self.part = local_slice(batch_size, rank, world)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -119,4 +136,4 @@ class BatchPlan:
         epoch, offset = self.epoch, self.offset
         for _ in range(self.num_batches):
             indices, epoch, offset = batch_at(self.seed, self.n, self.batch_size, epoch, offset)
-            yield indices
+            yield indices[self.part]
