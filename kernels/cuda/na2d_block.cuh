@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "convert.cuh"  // to_float / from_float
 #include "na2d_params.h"
 
 namespace megamed {
@@ -58,20 +59,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kMinusBig = -1.0e30f;  // finite "-inf" start for the running max (see online softmax)
 static_assert(2 * kM == kThreads, "two threads per query row in the softmax");
 static_assert(kM == 16 * kWarps, "each warp owns 16 query rows in the tensor-core path");
-
-// ---- conversions -----------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // ---- shared-memory layout --------------------------------------------------------------------
 // Regions (byte offsets, each 128-aligned, so every WMMA tile pointer below is 32-byte aligned):

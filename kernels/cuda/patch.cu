@@ -9,6 +9,7 @@
 // tx + 16*j: neighbouring threads read neighbouring shared-memory words (no bank conflicts) and
 // write neighbouring channels (coalesced stores).
 #include "patch.cuh"
+#include "convert.cuh"
 
 namespace megamed {
 namespace cuda {
@@ -16,19 +17,6 @@ namespace {
 
 constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
 constexpr int kTM = kBM / 16, kTN = kBN / 16;  // outputs per thread along M and N
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // patch_merge: row m = block (b, hi, wi) of the [B, H/f, W/f] grid; column k = (i, j, c).
 template <typename T>
