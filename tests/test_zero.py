@@ -163,6 +163,24 @@ def test_out_of_memory_names_the_setup_and_the_next_option(data_dir, tmp_path, m
     assert "ZeRO stage 3+optimizer+param offload" in last and "--grad-accum-steps 2" in last
 
 
+def test_grad_accumulation_in_one_process_gives_the_batch_step(data_dir, tmp_path):
+    """Single process, --grad-accum-steps 2: two micro-batches of 2 are the batch-4 step (the
+    backward of each micro-batch mean is scaled by 1/2): same losses, gradient norms, weights."""
+    from megamed.train import train
+
+    for accum in (1, 2):
+        train(tmp_path / f"a{accum}", *tiny_setup(data_dir, max_steps=2, batch_size=4, grad_accum_steps=accum),
+              progress=False)
+    one, two = read_metrics(tmp_path / "a1"), read_metrics(tmp_path / "a2")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                     rel=1e-4)
+    w1, w2 = (load_weights(tmp_path / f"a{a}" / "checkpoints" / "step-2" / "model.safetensors") for a in (1, 2))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 # ---- the 2-process launch ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -266,15 +284,33 @@ def test_stage3_checkpoint_of_two_processes_resumes_in_one(launch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     run = root / "zero3"
-    done = subprocess.run([sys.executable, "-m", "megamed", "train", "--out", str(run), "--resume",
-                           "--max-steps", "4", "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+    resume = [sys.executable, "-m", "megamed", "train", "--out", str(run), "--resume", "--max-steps", "4",
+              "--no-progress"]
+    # another stage cannot load these partitions: refused with the reason, and the run's
+    # deepspeed.json is left as it was (DeepSpeed itself fails with a bare AssertionError)
+    ds_json = (run / "deepspeed.json").read_text()
+    done = subprocess.run([*resume, "--zero-stage", "2"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
+    assert done.returncode == 2 and "written under ZeRO stage 3" in done.stderr, done.stderr[-3000:]
+    assert (run / "deepspeed.json").read_text() == ds_json
+    done = subprocess.run(resume, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "checkpoints" / "step-3" / "universal").is_dir()
     got, want = read_metrics(run), read_metrics(ref)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert got[3]["loss"] == pytest.approx(want[3]["loss"], rel=1e-5)
     assert json.loads((run / "logs" / "zero-rank-0.json").read_text())["world_size"] == 1
+    # step 4 itself (restored Adam moments, LR) gives the single-process weights ...
+    weights = zero.fp32_weights(run / "checkpoints" / "step-4")
+    ref_w = load_weights(ref / "checkpoints" / "step-4" / "model.safetensors")
+    for k in ref_w:
+        torch.testing.assert_close(weights[k].reshape(ref_w[k].shape), ref_w[k], rtol=1e-4, atol=1e-6, msg=k)
+    # ... and the param groups keep their own weight decay (DeepSpeed's universal loader copies
+    # group 0's to every group; 1e-6 per step is below the tolerance above, so check it directly)
+    optim = torch.load(run / "checkpoints" / "step-4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       map_location="cpu", weights_only=False)["optimizer_state_dict"]["optimizer_state_dict"]
+    wd = json.loads((run / "config.json").read_text())["train"]["weight_decay"]
+    assert wd > 0 and [g["weight_decay"] for g in optim["param_groups"]] == [wd, 0.0]
 
 
 @pytest.mark.slow

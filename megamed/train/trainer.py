@@ -313,6 +313,8 @@ def train(run_dir: str | Path, model_cfg, diffusion_cfg, train_cfg: TrainConfig,
     elif last is not None:
         raise ValueError(f"out: {run_dir} already has checkpoints (latest {last.name}); "
                          f"pass --resume to continue it or choose a new --out")
+    if resume and last is not None and zero is not None:
+        zero.check_resume(last, ds_config)  # same ZeRO stage, before RUN/deepspeed.json is rewritten
     dataset = open_dataset(cfg.data if data is None else data, cfg, size)
     n = len(dataset)
     tokenizer = load_tokenizer(cfg.tokenizer, model_cfg)
@@ -495,7 +497,11 @@ def train(run_dir: str | Path, model_cfg, diffusion_cfg, train_cfg: TrainConfig,
                 raise TrainingOutOfMemory(out_of_memory(step + 1)) from e
             step += 1
             last_loss = loss_value
-            stopping = stopping or bool(stop.get("signal"))
+            if run is None:
+                stopping = bool(stop.get("signal"))
+            # (under DeepSpeed only run.reduce decides, for every rank at once: a signal that lands
+            # on one rank after it is taken up at the next step's reduce, else that rank would
+            # break into save()'s collectives while the others start the next step, and hang)
 
             # ---- bookkeeping: progress, metrics, checkpoints, samples ----------------------
             images_since_log += cfg.batch_size

@@ -605,19 +605,23 @@ class ZeroRun:
         from safetensors.torch import load_file, load_model
 
         path = Path(path)
+        check_resume(path, self.config)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        if "zero_stage" not in state:
-            raise ValueError(f"resume: {path} was written by the single-process trainer; a DeepSpeed run can "
-                             f"not continue it (start a new run, or resume without --deepspeed)")
         if needs_universal(path, self.dist.world):
             to_universal(path, self.dist, state["world_size"])
             load_dir, tag = path, UNIVERSAL
         else:
             load_dir, tag = path.parent, path.name
+        # DeepSpeed's universal loader gives every param group group 0's hyper-parameters, so the
+        # no-decay group (biases, norms, gains) would get weight decay; megamed's groups are fixed
+        # by the run config: put them back (lr is the same in every group, and the scheduler's)
+        groups = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         loaded, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
         if loaded is None:
             raise FileNotFoundError(f"resume: DeepSpeed found no checkpoint in {load_dir / tag}")
+        for group, hyper in zip(self.optimizer.param_groups, groups):
+            group.update(hyper)
         if self.stage < 3:
             load_model(self.ema_replica, str(path / "ema.safetensors"), strict=True, device=str(self.dist.device))
         else:
@@ -629,6 +633,20 @@ class ZeroRun:
                 shard.zero_()
                 shard[:part.numel()].copy_(part)
         return state
+
+
+def check_resume(path: Path, cfg: dict) -> None:
+    """Refuse to resume DeepSpeed checkpoint step-N/ under another ZeRO stage, before anything is
+    written: the partitions are laid out per stage, and DeepSpeed's own failure is a bare
+    AssertionError deep inside load_checkpoint."""
+    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    if "zero_stage" not in state:
+        raise ValueError(f"resume: {path} was written by the single-process trainer; a DeepSpeed run can "
+                         f"not continue it (start a new run, or resume without --deepspeed)")
+    if state["zero_stage"] != zero_stage(cfg):
+        raise ValueError(f"resume: {path} was written under ZeRO stage {state['zero_stage']}, this run asks for "
+                         f"stage {zero_stage(cfg)}; resume with --zero-stage {state['zero_stage']} (or without "
+                         f"--zero-stage/--deepspeed to reuse the run's deepspeed.json)")
 
 
 def needs_universal(path: Path, world: int) -> bool:
