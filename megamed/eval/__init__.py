@@ -5,6 +5,9 @@
     fidelity      FID, KID, precision/recall (k-NN manifolds), MS-SSIM diversity
     memorisation  nearest training image of each generated image, in feature and pixel space
     classifier    DenseNet-121-style multi-label classifier + training loop
+    alignment     balanced prompt set -> generated images -> the judge's per-finding verdicts
+    report        one HTML page from every evaluation output under a folder
+    augment       the augmentation experiment: classifier on reference subsets with/without generated images
 
 Submodules are imported on use (torch-heavy); `megamed eval ...` is the command line.
 """

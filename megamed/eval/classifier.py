@@ -23,7 +23,12 @@ a findings column {finding: {"severity": s, "side": side}}; for those rows sever
 side (cross-entropy) are trained for the findings present, and ignored everywhere else.
 
 Training (train_classifier): AdamW, optional class-balanced sampling, early stopping on the val
-split's mean AUROC; writes OUT/classifier.safetensors (best weights) + OUT/classifier.json.
+split's mean AUROC; writes OUT/classifier.safetensors (best weights) + OUT/classifier.json
+(config, training settings, data_provenance: how many rows came from `megamed generate`).
+shuffle_labels=True is the control run: label sets permuted among images, expect AUROC ~0.5.
+
+Evaluation on the example set (severity_bin_auroc): per finding and severity bin (mild < 0.4 <=
+moderate < 0.7 <= severe), AUROC of the positives in that bin against the negatives.
 """
 from __future__ import annotations
 
@@ -311,6 +316,28 @@ class WithFindings(torch.utils.data.Dataset):
         return item
 
 
+class CachedImages(torch.utils.data.Dataset):
+    """Keeps each item of a loaders data set after its first read (image as float16: 2 bytes a
+    pixel, 128 MB per 1000 images at 256 px), so epochs after the first skip PNG decoding and
+    resizing, which on a small CPU cost as much as the network. Per process: with DataLoader
+    workers every worker fills its own copy."""
+
+    def __init__(self, ds):
+        self.ds, self.rows, self._items = ds, ds.rows, {}
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if i not in self._items:
+            item = dict(self.ds[i])
+            item["image"] = item["image"].to(torch.float16)
+            self._items[i] = item
+        item = dict(self._items[i])
+        item["image"] = item["image"].float()
+        return item
+
+
 def balanced_weights(labels: np.ndarray) -> np.ndarray:
     """Per-item sampling weight [N] so rare findings are seen as often as common ones: an item
     weighs 1 / (count of its rarest positive label); items with no positive label form their own
@@ -340,6 +367,8 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     device: str = "cpu"
+    shuffle_labels: bool = False              # control: labels permuted among train (and val) rows
+    cache_images: bool = False                # keep decoded images in memory (float16) after epoch 1
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self):
@@ -389,6 +418,71 @@ def predict(model: DenseNetClassifier, ds, batch_size: int = 32, device: str = "
     return {k: np.concatenate(v) for k, v in acc.items()}
 
 
+# Severity bins of the example set, with the prompts' thresholds (megamed.text.prompts):
+# mild < 0.4 <= moderate < 0.7 <= severe. The example set draws severity ~ U(0.1, 1].
+SEVERITY_BINS = ("mild", "moderate", "severe")
+
+
+def severity_bin(severity: float) -> int:
+    """Index into SEVERITY_BINS of a severity in [0, 1] (the prompts' thresholds)."""
+    from megamed.text.prompts import SEVERITY_THRESHOLDS
+
+    return int(sum(float(severity) >= t for t in SEVERITY_THRESHOLDS))
+
+
+def severity_bin_auroc(probs, labels, severity_true, side_true, names=FINDING_NAMES) -> dict:
+    """Per simulated finding and severity bin: AUROC of the finding's CheXpert probability,
+    positives = items where the finding was simulated with a severity in that bin, negatives =
+    items whose label for that observation is 0 (so an opacity implied by a consolidation is
+    neither: the judge is right to call it "Lung Opacity").
+
+    probs, labels [N, 14]; severity_true [N, F]; side_true [N, F] (-1 = finding absent/unknown).
+    -> {finding: {"mild"|"moderate"|"severe"|"all": {"auroc" (None if a class is empty), "n_pos", "n_neg"}}}"""
+    from megamed.eval.metrics import auroc
+
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels, np.float64)
+    severity_true, side_true = np.asarray(severity_true, np.float64), np.asarray(side_true)
+    out = {}
+    for j, name in enumerate(names):
+        k = OBSERVATIONS.index(name)
+        present = side_true[:, j] >= 0
+        neg = (labels[:, k] == 0) & ~present
+        bins = np.array([severity_bin(s) if p else -1 for s, p in zip(severity_true[:, j], present)])
+        per = {}
+        for b, bname in [(b, n) for b, n in enumerate(SEVERITY_BINS)] + [(None, "all")]:
+            pos = present if b is None else bins == b
+            keep = pos | neg
+            a = auroc(probs[keep, k], pos[keep].astype(np.float64)) if pos.any() and neg.any() else math.nan
+            per[bname] = {"auroc": None if math.isnan(a) else a, "n_pos": int(pos.sum()), "n_neg": int(neg.sum())}
+        out[name] = per
+    return out
+
+
+def shuffle_labels(ds, seed: int) -> None:
+    """The shuffled-label control: permute whole label sets (CheXpert labels + findings cell) among
+    the rows of a loaders data set, in place. Label frequencies and co-occurrences stay, the link
+    to the image goes: a classifier trained on this should score AUROC ~0.5."""
+    perm = np.random.default_rng([seed, 5]).permutation(len(ds.rows))
+    src = [(r["labels"], r.get("findings", "")) for r in ds.rows]
+    for row, i in zip(ds.rows, perm):
+        row["labels"], row["findings"] = src[i]
+
+
+def generated_rows(rows) -> int:
+    """How many rows came out of `megamed generate` (its params cell has megamed_generate): a
+    judge must be trained on reference images only, and says so in classifier.json."""
+    n = 0
+    for r in rows:
+        p = r.get("params") or {}
+        if isinstance(p, str):
+            try:
+                p = json.loads(p) if p.strip() else {}
+            except json.JSONDecodeError:
+                p = {}
+        n += bool(isinstance(p, dict) and p.get("megamed_generate"))
+    return n
+
+
 def finding_scores(pred: dict, names=FINDING_NAMES) -> dict:
     """Per finding, over the items where it is present (known side): severity mean absolute
     error and side accuracy -> {name: {"n", "severity_mae", "side_accuracy"}} (None when n = 0)."""
@@ -410,10 +504,20 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
     from megamed.eval.metrics import mean_auroc
 
     torch.manual_seed(cfg.seed)
-    train_ds = WithFindings(train_ds if train_ds is not None else open_split(cfg.data, "train", cfg.size, cfg.uncertain),
-                            cfg.model.findings)
-    val_ds = WithFindings(val_ds if val_ds is not None else open_split(cfg.data, "val", cfg.size, cfg.uncertain),
-                          cfg.model.findings)
+    train_ds = train_ds if train_ds is not None else open_split(cfg.data, "train", cfg.size, cfg.uncertain)
+    val_ds = val_ds if val_ds is not None else open_split(cfg.data, "val", cfg.size, cfg.uncertain)
+    # what the judge saw, for `megamed eval alignment` (which refuses a judge trained on generated images)
+    provenance = {"train_rows": len(train_ds.rows), "val_rows": len(val_ds.rows),
+                  "generated_rows": generated_rows(train_ds.rows) + generated_rows(val_ds.rows),
+                  "shuffled_labels": cfg.shuffle_labels}
+    if cfg.shuffle_labels:
+        # val too: early stopping on true val labels would pick, among noise, what fits them
+        shuffle_labels(train_ds, cfg.seed)
+        shuffle_labels(val_ds, cfg.seed + 1)
+    if cfg.cache_images:
+        train_ds, val_ds = CachedImages(train_ds), CachedImages(val_ds)
+    train_ds = WithFindings(train_ds, cfg.model.findings)
+    val_ds = WithFindings(val_ds, cfg.model.findings)
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.balanced:
         w = balanced_weights(np.array([r["labels"] for r in train_ds.ds.rows], dtype=np.float64))
@@ -452,7 +556,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
                 break
     model.load_state_dict(best_state)
     result = {"best_epoch": best_epoch, "best_val_auroc": None if best == -math.inf else best, "history": history}
-    save_classifier(model.cpu(), out_dir, {"train": _jsonable(asdict(cfg)), "result": result})
+    save_classifier(model.cpu(), out_dir, {"train": _jsonable(asdict(cfg)), "data_provenance": provenance,
+                                           "result": result})
     return result
 
 
@@ -462,4 +567,5 @@ def _jsonable(d):
 
 __all__ = ["ClassifierConfig", "DenseNetClassifier", "TrainConfig", "train_classifier", "predict",
            "load_classifier", "save_classifier", "finding_scores", "load_densenet_weights", "masked_bce", "classifier_loss",
-           "finding_targets", "balanced_weights", "WithFindings", "FINDING_NAMES", "SIDES"]
+           "finding_targets", "balanced_weights", "WithFindings", "FINDING_NAMES", "SIDES", "SEVERITY_BINS",
+           "severity_bin", "severity_bin_auroc", "shuffle_labels", "generated_rows", "CachedImages"]
