@@ -1,6 +1,5 @@
 """The judge classifier: torchvision-compatible names and sizes, weight loading, masked losses,
 finding targets, balanced sampling, and a tiny end-to-end train -> save -> load -> predict."""
-import argparse
 import csv
 import json
 import math
@@ -204,12 +203,9 @@ def test_train_save_predict_end_to_end(tmp_path):
     assert saved["train"]["uncertain"] == "ones" and saved["model"]["growth"] == 8
 
     # predict through the command: best weights reproduce the best val AUROC; severity/side columns
-    from megamed.cli import eval_cmd
-    parser = argparse.ArgumentParser()
-    eval_cmd.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "classifier", "predict", "--checkpoint", str(tmp_path / "clf"), "--data",
-                              str(data), "--split", "val", "--size", "32", "--out", str(tmp_path / "pred")])
-    assert args.func(args) == 0
+    from megamed.cli import main
+    assert main(["eval", "classifier", "predict", "--checkpoint", str(tmp_path / "clf"), "--data", str(data),
+                 "--split", "val", "--size", "32", "--out", str(tmp_path / "pred")]) == 0
     r = json.loads((tmp_path / "pred" / "classifier.json").read_text())
     assert r["n"] == 12
     assert r["mean_auroc"] == pytest.approx(result["best_val_auroc"], abs=1e-6)

@@ -4,7 +4,6 @@ set: AUROC >= 0.9 on the test split for every visible (finding, severity bin), s
 docs/eval/judge.md has the commands and the numbers of the full run."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -138,12 +137,9 @@ def test_train_records_provenance_and_predict_reports_bins(tmp_path):
     meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
     assert meta["data_provenance"] == {"train_rows": 24, "val_rows": 16, "generated_rows": 3, "shuffled_labels": False}
 
-    from megamed.cli import eval_cmd
-    parser = argparse.ArgumentParser()
-    eval_cmd.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "classifier", "predict", "--checkpoint", str(tmp_path / "clf"), "--data",
-                              str(data), "--split", "val", "--size", "32", "--out", str(tmp_path / "pred")])
-    assert args.func(args) == 0
+    from megamed.cli import main
+    assert main(["eval", "classifier", "predict", "--checkpoint", str(tmp_path / "clf"), "--data", str(data),
+                 "--split", "val", "--size", "32", "--out", str(tmp_path / "pred")]) == 0
     r = json.loads((tmp_path / "pred" / "classifier.json").read_text())
     bins = r["severity_bin_auroc"]
     assert set(bins) == set(FINDING_NAMES) and set(bins["Cardiomegaly"]) == {*SEVERITY_BINS, "all"}

@@ -239,21 +239,6 @@ def test_opcheck():
     torch.library.opcheck(na2d_fwd, (qs, ks_, vs, 3, 2, 0.3, "cpp"), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph():
-    def f(q, k, v):
-        return neighborhood_attention(q, k, v, 3, dilation=2, backend="cpp").square().sum()
-
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 7, 9, 2, 4, dtype=torch.float32, seed=8, n=3))
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    loss_e = f(q, k, v)
-    grads_e = torch.autograd.grad(loss_e, (q, k, v))
-    torch.testing.assert_close(loss, loss_e)
-    for a, b in zip(grads, grads_e):
-        torch.testing.assert_close(a, b)
-
-
 def test_empty_batch_and_zero_features():
     q, k, v = (t.requires_grad_() for t in _qkv(0, 5, 6, 2, 3, n=3))
     out, lse = neighborhood_attention_with_lse(q, k, v, 3, backend="cpp")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megamed.ops import neighborhood_attention
+from megamed.ops import can_run, neighborhood_attention
 from megamed.ops import reference as R
 from megamed.ops.natten import na2d_bwd, na2d_fwd, neighborhood_attention_with_lse
 
@@ -173,11 +173,15 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(na2d_fwd, (qs, ks, vs, 3, 2, 0.3, "reference"), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    def f(q, k, v):
-        return neighborhood_attention(q, k, v, 3, dilation=1).square().sum()
+@pytest.mark.parametrize("backend,dilation", [(None, 1), ("cpp", 2)])
+def test_torch_compile_fullgraph_forward_and_backward(backend, dilation):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 7, 9, 2, 4, dtype=torch.float32, seed=8))
+    if backend is not None and can_run("neighborhood_attention", backend, q, k, v, 3, dilation=dilation, scale=0.5):
+        pytest.skip(f"{backend}: " + can_run("neighborhood_attention", backend, q, k, v, 3, dilation=dilation, scale=0.5))
 
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 5, 7, 2, 4, dtype=torch.float32, seed=8))
+    def f(q, k, v):
+        return neighborhood_attention(q, k, v, 3, dilation=dilation, backend=backend).square().sum()
+
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     loss = compiled(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
