@@ -108,7 +108,7 @@ def test_cli_refuses_a_bad_deepspeed_config_before_building_any_model(tmp_path, 
     assert not out.exists()
 
 
-def test_launcher_arguments_and_world_size_without_deepspeed(data_dir, tmp_path, monkeypatch):
+def test_launcher_arguments_and_world_size_without_deepspeed(data_dir, tmp_path, monkeypatch, capsys):
     """The `deepspeed` launcher's --local_rank=N is accepted before and after the subcommand; a
     multi-process launch without --deepspeed/--zero-stage is refused; a single-process run cannot
     be resumed under DeepSpeed."""
@@ -125,6 +125,8 @@ def test_launcher_arguments_and_world_size_without_deepspeed(data_dir, tmp_path,
     monkeypatch.delenv("WORLD_SIZE")
     train(tmp_path / "b", model_cfg, diff_cfg, cfg, progress=False)
     assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--max-steps", "2", "--zero-stage", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "deepspeed: run has False" in err, err   # the refusal names the setting that differs
 
 
 def test_missing_deepspeed_says_how_to_install(monkeypatch):
