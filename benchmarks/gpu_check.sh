@@ -53,7 +53,7 @@ fi
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader >> "$SUMMARY" 2>/dev/null
 
 # 1. build the extension with CUDA (the glue is never compiled on CI, so this is its first build)
-if ! step build 120 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+if ! step build 180 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
   note "STOP: building megamed with CUDA failed; see $OUT/build.txt (last lines above)"
   exit 3
 fi
