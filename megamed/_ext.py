@@ -48,4 +48,18 @@ def extension():
     return _STATUS.get("module") if _STATUS["loaded"] else None
 
 
+def has_op(name: str) -> bool:
+    """Whether the loaded extension registered torch.ops.megamed.<name> (a CPU-only build lacks the
+    CUDA ones)."""
+    if extension() is None:
+        return False
+    import torch
+
+    try:
+        getattr(torch.ops.megamed, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 _load()

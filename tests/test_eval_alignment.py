@@ -167,6 +167,15 @@ def save_judge(path, size=32, **extra):
     return save_classifier(DenseNetClassifier(ClassifierConfig.tiny()), path, meta)
 
 
+def tiny_generator_and_judge(root):
+    """(run dir, judge dir): a tiny diffusion model trained 1 step on 4 images, a random tiny judge."""
+    from megamed.train import train
+
+    data = make_dataset(root / "data", n=4)
+    train(root / "run", *tiny_setup(data, max_steps=1, save_every=1), progress=False)
+    return root / "run", save_judge(root / "judge")
+
+
 def test_judge_check_refuses_generated_and_shuffled_judges(tmp_path):
     assert check_judge(save_judge(tmp_path / "ok"))["status"] == "ok"
     bad = save_judge(tmp_path / "gen", data_provenance={"train_rows": 10, "generated_rows": 3})
@@ -200,17 +209,14 @@ def models(tmp_path_factory):
     from megamed.models.align import AlignConfig, AlignModel, save_align
     from megamed.models.config import TextEncoderConfig
     from megamed.text.tokenizer import build_template_tokenizer
-    from megamed.train import train
 
     root = tmp_path_factory.mktemp("models")
-    data = make_dataset(root / "data", n=4)
-    train(root / "run", *tiny_setup(data, max_steps=1, save_every=1), progress=False)
-    judge = save_judge(root / "judge")
+    run, judge = tiny_generator_and_judge(root)
     torch.manual_seed(0)
     cfg = AlignConfig(image_size=32, widths=(8, 16), embed_dim=16,
                       text=TextEncoderConfig(width=16, vocab_size=1024, max_length=32, depth=1, d_head=8, d_ff=32))
     align = save_align(AlignModel(cfg, build_template_tokenizer()).eval(), root / "align")
-    return {"run": root / "run", "judge": judge, "align": align}
+    return {"run": run, "judge": judge, "align": align}
 
 
 ARGS = ["--per-finding", "2", "--steps", "2", "--size", "32", "--device", "cpu", "--no-progress", "--batch-size", "10"]

@@ -13,9 +13,8 @@ import pytest
 from megamed.cli import main
 from megamed.eval.report import find_results, md_to_html
 
-from test_eval_alignment import save_judge
+from test_eval_alignment import tiny_generator_and_judge
 from test_eval_classifier import make_dataset as make_example_like
-from test_train import make_dataset, tiny_setup
 
 
 def test_md_to_html_tables_lists_headings_and_escaping():
@@ -39,16 +38,12 @@ def test_empty_results_say_not_run(tmp_path):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every eval command on tiny random models, into one results folder."""
-    from megamed.train import train
-
     root = tmp_path_factory.mktemp("eval")
-    data = make_dataset(root / "data", n=4)
-    train(root / "run", *tiny_setup(data, max_steps=1, save_every=1), progress=False)
-    judge = save_judge(root / "judge")
+    run, judge = tiny_generator_and_judge(root)
     ref = make_example_like(root / "ref", n_train=10, n_val=6)         # has findings JSON, like the example set
     res = root / "results"
     common = ["--size", "32"]
-    assert main(["eval", "alignment", "--model", str(root / "run"), "--judge", str(judge), "--out", str(res / "alignment"),
+    assert main(["eval", "alignment", "--model", str(run), "--judge", str(judge), "--out", str(res / "alignment"),
                  "--per-finding", "1", "--steps", "2", "--device", "cpu", "--no-progress", *common]) == 0
     assert main(["eval", "classifier", "predict", "--checkpoint", str(judge), "--data", str(ref), "--split", "val",
                  "--out", str(res / "judge"), *common]) == 0

@@ -23,7 +23,7 @@ from megamed.ops import BackendUnavailable, choose_backend, neighborhood_attenti
 from megamed.ops import reference as R
 from megamed.ops.natten import na2d_bwd, na2d_fwd, neighborhood_attention_with_lse
 
-pytestmark = pytest.mark.skipif(not extension_status()["loaded"] or not cpp._has_na_ops(),
+pytestmark = pytest.mark.skipif(not extension_status()["loaded"] or not cpp.HAS_NA_OP,
                                 reason=f"megamed._C (with na2d_cpp_fwd) not loaded: {extension_status()['reason']}")
 
 

@@ -97,12 +97,16 @@ for _name, _can_run, _prio in (("cpp", cpp_can_run, PRIORITY_CPP), ("cuda", cuda
 
 # --- neighborhood attention (CPU) ----------------------------------------------------------------
 
+# Decided once at import (the ops come with megamed._C): keeps can_run cheap and free of try/except.
+HAS_NA_OP = _ext.has_op("na2d_cpp_fwd")
+
+
 def na_cpp_can_run(q, k, v, kernel_size, *, dilation, scale) -> "str | None":
     """None if the C++ CPU neighborhood-attention kernels can run these arguments, else why not."""
     reason = _not_loaded()
     if reason is not None:
         return reason
-    if not _has_na_ops():
+    if not HAS_NA_OP:
         return ("megamed._C has no na2d_cpp_fwd (built from older sources); rebuild: "
                 "pip install --no-build-isolation -e .")
     if q.device.type != "cpu":
@@ -110,14 +114,6 @@ def na_cpp_can_run(q, k, v, kernel_size, *, dilation, scale) -> "str | None":
     if q.dtype not in CPU_DTYPES:
         return f"q dtype {q.dtype} is not supported (float32, float64, float16, bfloat16)"
     return None
-
-
-def _has_na_ops() -> bool:
-    try:
-        torch.ops.megamed.na2d_cpp_fwd
-    except (AttributeError, RuntimeError):
-        return False
-    return True
 
 
 def na_cpp_forward(q, k, v, kernel_size, *, dilation, scale):
@@ -154,7 +150,7 @@ def _na_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None
 
 
-if _ext.extension() is not None and _has_na_ops():
+if HAS_NA_OP:
     # the public path is megamed::na2d_fwd (megamed.ops.natten), whose autograd calls our bwd
     # through the backend registry; this autograd makes torch.ops.megamed.na2d_cpp_fwd usable alone
     torch.library.register_fake("megamed::na2d_cpp_fwd", _na_fwd_fake)

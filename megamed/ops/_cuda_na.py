@@ -34,17 +34,9 @@ HEAD_DIMS = (32, 64, 128)  # the kernel's instantiations
 PRIORITY_CUDA = 12
 
 
-def _op_defined() -> bool:
-    try:
-        torch.ops.megamed.na2d_cuda_fwd
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 # Decided once: the op comes with megamed._C, which megamed._ext loads (or not) at import. A constant
 # also keeps can_run free of try/except for torch.compile, which traces it.
-HAS_OP = _ext.extension() is not None and _op_defined()
+HAS_OP = _ext.has_op("na2d_cuda_fwd")
 
 
 def na_can_run(q, k, v, kernel_size, *, dilation, scale) -> "str | None":
