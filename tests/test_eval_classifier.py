@@ -230,3 +230,71 @@ def test_uncertain_policy_reaches_the_labels(tmp_path):
     e = OBSERVATIONS.index("Edema")
     assert MegamedDataset(data, "train", 32, uncertain="ones")[0]["labels"][e] == 1.0
     assert math.isnan(MegamedDataset(data, "train", 32, uncertain="ignore")[0]["labels"][e])
+
+
+# ---- pooling, learning-rate schedule, resume ----------------------------------------------------
+
+def test_pools_read_the_same_state_dict_and_differ_as_defined():
+    torch.manual_seed(0)
+    nets = {p: DenseNetClassifier(ClassifierConfig.tiny(pool=p)).eval() for p in ("avg", "max", "avgmax")}
+    sd = nets["avg"].state_dict()
+    for net in nets.values():
+        net.load_state_dict(sd)                               # no pool has parameters: one state dict fits all
+    x = torch.randn(2, 1, 45, 61)
+    h = torch.relu(nets["avg"].features(x))                  # independent: pool the feature map by hand
+    assert torch.allclose(nets["avg"].embed(x), h.flatten(2).mean(-1), atol=1e-6)
+    assert torch.allclose(nets["max"].embed(x), h.flatten(2).max(-1).values, atol=1e-6)
+    assert torch.allclose(nets["avgmax"].embed(x), 0.5 * (h.flatten(2).mean(-1) + h.flatten(2).max(-1).values), atol=1e-6)
+    with pytest.raises(ValueError, match="pool"):
+        ClassifierConfig(pool="gem")
+
+
+def test_cosine_schedule_endpoints():
+    from megamed.eval.classifier import lr_at
+    cos = TrainConfig(lr=1e-2, schedule="cosine")
+    lrs = [lr_at(cos, s, 101) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-4) and lrs[50] == pytest.approx(0.505e-2)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(TrainConfig(lr=1e-2), 77, 101) == 1e-2
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")
+
+
+def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatch):
+    """A run killed during epoch 3 and rerun gives bit-identical weights and history to one that
+    never stopped; a rerun of a finished folder trains nothing; other settings are refused."""
+    import megamed.eval.classifier as C
+    from safetensors.torch import load_file
+
+    data = make_dataset(tmp_path / "data", n_train=24, n_val=10)
+    cfg = TrainConfig(data=str(data), size=32, epochs=4, patience=4, batch_size=8, lr=3e-3, balanced=True,
+                      schedule="cosine", model=ClassifierConfig.tiny(pool="max"))
+    whole = train_classifier(cfg, tmp_path / "whole")
+
+    real_predict, calls = C.predict, []
+
+    def dying_predict(*a, **kw):                              # the 3rd epoch's validation never finishes
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_predict(*a, **kw)
+
+    monkeypatch.setattr(C, "predict", dying_predict)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(cfg, tmp_path / "crash")
+    monkeypatch.setattr(C, "predict", real_predict)
+    assert (tmp_path / "crash" / C.STATE_NAME).is_file() and not (tmp_path / "crash" / C.CONFIG_NAME).exists()
+    with pytest.raises(ValueError, match="lr: 0.003 -> 0.001"):
+        train_classifier(TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "crash")
+    resumed = train_classifier(cfg, tmp_path / "crash")
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]     # noqa: E731
+    assert strip(resumed["history"]) == strip(whole["history"]) and resumed["best_epoch"] == whole["best_epoch"]
+    a, b = load_file(str(tmp_path / "whole" / C.WEIGHTS_NAME)), load_file(str(tmp_path / "crash" / C.WEIGHTS_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "crash" / C.STATE_NAME).exists()
+
+    # finished: the same command returns the saved result without training; other settings refused
+    monkeypatch.setattr(C, "predict", dying_predict)
+    assert train_classifier(cfg, tmp_path / "crash") == resumed
+    with pytest.raises(FileExistsError, match="epochs"):
+        train_classifier(TrainConfig(**{**cfg.__dict__, "epochs": 5}), tmp_path / "crash")

@@ -42,10 +42,10 @@ def _blocks(text: str) -> tuple:
 def cmd_classifier_train(args: argparse.Namespace) -> int:
     from megamed.eval.classifier import ClassifierConfig, TrainConfig, train_classifier
 
-    model = ClassifierConfig(growth=args.growth, blocks=args.blocks, init_features=args.init_features)
+    model = ClassifierConfig(growth=args.growth, blocks=args.blocks, init_features=args.init_features, pool=args.pool)
     cfg = TrainConfig(data=args.data, size=args.size, uncertain=args.uncertain, balanced=args.balanced,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, workers=args.workers, device=args.device, model=model,
+                      schedule=args.schedule, seed=args.seed, workers=args.workers, device=args.device, model=model,
                       shuffle_labels=args.shuffle_labels, cache_images=args.cache_images)
     result = train_classifier(cfg, args.out)
     print(f"best epoch {result['best_epoch']}: val mean AUROC {result['best_val_auroc']}; saved to {args.out}")
@@ -209,7 +209,8 @@ def register(subparsers) -> None:
 
     cls = sub.add_parser("classifier", help="the judge: a DenseNet-121-style multi-label classifier")
     csub = cls.add_subparsers(dest="classifier_command", metavar="ACTION")
-    t = csub.add_parser("train", help="train on DATA's train split, early-stop on its val split")
+    t = csub.add_parser("train", help="train on DATA's train split, early-stop on its val split; rerun the "
+                                      "same command to resume after a crash (OUT/train_state.pt, every epoch)")
     t.add_argument("--data", required=True, help="data set root (megamed layout or CheXpert folder)")
     t.add_argument("--out", required=True, help="output directory (classifier.safetensors + classifier.json)")
     t.add_argument("--size", type=int, default=224)
@@ -223,6 +224,11 @@ def register(subparsers) -> None:
     t.add_argument("--growth", type=int, default=32, help="channels per dense layer (width); 8 for a CPU variant")
     t.add_argument("--blocks", type=_blocks, default=(6, 12, 24, 16), help="layers per dense block (default 6,12,24,16)")
     t.add_argument("--init-features", type=int, default=64)
+    t.add_argument("--pool", choices=["avg", "max", "avgmax"], default="avg",
+                   help="global pool of the last feature map: avg (torchvision's) or max / avgmax, which keep "
+                        "findings a few pixels wide from being averaged away")
+    t.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate per step: constant, or cosine from --lr down to lr/100 at the last epoch")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     t.add_argument("--device", default="cpu")

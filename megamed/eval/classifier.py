@@ -7,7 +7,7 @@ Architecture (Huang et al. 2017, as in torchvision's densenet121; no torchvision
     features.denseblock{i}: L_i dense layers, each BN-ReLU-conv1x1 (bn_size*growth) -> BN-ReLU-
         conv3x3 (growth), its output concatenated to its input        channels += growth per layer
     features.transition{i} (between blocks): BN-ReLU-conv1x1 (halve channels) -> avgpool 2x2
-    features.norm5 -> ReLU -> adaptive average pool                    [B, C]  ("features": penultimate)
+    features.norm5 -> ReLU -> global pool (avg; or max / avgmax)      [B, C]  ("features": penultimate)
     classifier      Linear(C, 14)                                      [B, 14] CheXpert logits
     severity_head   Linear(C, F)                                       [B, F]  per finding, sigmoid -> (0, 1)
     side_head       Linear(C, 4 F)                                     [B, F, 4] logits over SIDES
@@ -16,7 +16,9 @@ Parameter names equal torchvision's DenseNet state dict (features.conv0.weight,
 features.denseblock1.denselayer1.norm1.weight, ..., classifier.weight), so local weights such as
 torchxrayvision's load with `load_densenet_weights` (3-channel conv0 summed to 1 channel).
 Adaptive pooling makes any input size >= 32 px work. `growth`/`blocks`/`init_features` give the
-small CPU variant (ClassifierConfig.tiny()).
+small CPU variant (ClassifierConfig.tiny()). `pool` has no parameters, so it does not change the
+state dict: "avg" is torchvision's; "max" (or "avgmax", their mean) lets a finding a few pixels
+wide (a 10 mm nodule at 256 px) decide the logit instead of being averaged over the whole image.
 
 Targets: labels [14] with NaN = ignored (masked BCE). The example data set's metadata.csv also has
 a findings column {finding: {"severity": s, "side": side}}; for those rows severity (MSE) and
@@ -58,6 +60,9 @@ FINDING_NAMES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Fracture", "Lu
                  "Pleural Effusion", "Pneumothorax", "Support Devices")
 SIDES = ("left", "right", "bilateral", "none")
 CONFIG_NAME, WEIGHTS_NAME = "classifier.json", "classifier.safetensors"
+STATE_NAME = "train_state.pt"               # per-epoch training state, for resuming after a crash
+POOLS = ("avg", "max", "avgmax")
+SCHEDULES = ("constant", "cosine")
 
 
 # -----------------------------------------------------------------------------------------
@@ -73,9 +78,12 @@ class ClassifierConfig:
     num_classes: int = len(OBSERVATIONS)
     findings: tuple = FINDING_NAMES           # severity/side heads, one per finding (() = none)
     input_scale: float = 1.0                  # x is multiplied by this first (1024 for torchxrayvision)
+    pool: str = "avg"                         # global pool of the last feature map: avg | max | avgmax
 
     def __post_init__(self):
         self.blocks = tuple(self.blocks)
+        if self.pool not in POOLS:
+            raise ValueError(f"pool: expected one of {', '.join(POOLS)}, got {self.pool!r}")
         self.findings = tuple(self.findings)
         for name in ("growth", "init_features", "bn_size", "in_channels", "num_classes"):
             v = getattr(self, name)
@@ -173,8 +181,12 @@ class DenseNetClassifier(nn.Module):
             raise ValueError(f"x: expected [B, {self.cfg.in_channels}, H, W], got {tuple(x.shape)}")
         if min(x.shape[-2:]) < 32:
             raise ValueError(f"x: images must be at least 32 px a side, got {tuple(x.shape[-2:])}")
-        h = F.relu(self.features(x * self.cfg.input_scale))
-        return F.adaptive_avg_pool2d(h, 1).flatten(1)
+        h = F.relu(self.features(x * self.cfg.input_scale))             # [B, C, h, w]
+        if self.cfg.pool == "avg":
+            return h.mean((2, 3))
+        if self.cfg.pool == "max":
+            return h.amax((2, 3))
+        return 0.5 * (h.mean((2, 3)) + h.amax((2, 3)))
 
     def forward(self, x: torch.Tensor) -> dict:
         f = self.embed(x)                                            # [B, C]
@@ -369,6 +381,7 @@ class TrainConfig:
     device: str = "cpu"
     shuffle_labels: bool = False              # control: labels permuted among train (and val) rows
     cache_images: bool = False                # keep decoded images in memory (float16) after epoch 1
+    schedule: str = "constant"                # lr per step: constant | cosine (lr -> lr/100 over all epochs)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self):
@@ -382,6 +395,21 @@ class TrainConfig:
             raise ValueError(f"size: must be >= 32, got {self.size}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+
+
+# settings that may change between a crash and its resume without changing the result's meaning
+_RESUMABLE_CHANGES = ("workers", "device")
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimiser step `step` (0-based) of `total_steps`: constant, or a cosine
+    from lr down to lr/100 at the last step (a constant lr left the 40-epoch judge still rising)."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = min(step / max(total_steps - 1, 1), 1.0)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 def open_split(root: str | Path, split: str, size: int, uncertain: str = "ignore"):
@@ -529,36 +557,100 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
                                              num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size)
     model = DenseNetClassifier(cfg.model).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history, best, best_epoch, best_state, bad_epochs = [], -math.inf, 0, None, 0
-    for epoch in range(1, cfg.epochs + 1):
+    out_dir = Path(out_dir)
+    settings = _jsonable(asdict(cfg))
+    state = _load_state(out_dir, settings)
+    if state is not None and "finished" in state:           # the same training, already done: nothing to redo
+        log.info("%s: already trained with these settings (best epoch %d)", out_dir, state["finished"]["best_epoch"])
+        return state["finished"]
+    history, best, best_epoch, best_state, bad_epochs, start = [], -math.inf, 0, None, 0, 1
+    if state is not None:                                   # resume after a crash: where the last epoch ended
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_epoch, best_state, bad_epochs = state["history"], state["best_epoch"], state["best_state"], state["bad_epochs"]
+        best = -math.inf if state["best"] is None else state["best"]
+        start = state["epoch"] + 1
+        log.info("resuming %s after epoch %d (best val mean AUROC %.4f at epoch %d)", out_dir, state["epoch"], best, best_epoch)
+    total_steps, step = cfg.epochs * len(loader), (start - 1) * len(loader)
+    stopped = state is not None and state["stopped"]
+    for epoch in range(start, cfg.epochs + 1):
+        if stopped:
+            break
         model.train()
         t0, losses = time.time(), []
         for b in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
             b = {k: v.to(cfg.device) for k, v in b.items()}
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step, total_steps)
             loss, _ = classifier_loss(model(b["image"]), b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step += 1
             losses.append(float(loss.detach()))
         pred = predict(model, val_ds, cfg.batch_size, cfg.device, desc="val")
         score = mean_auroc(pred["probs"], pred["labels"])
         # a val split with no label having both classes gives NaN: fall back to -loss order (keep last)
         key = score if not math.isnan(score) else -math.inf
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_auroc": score, "seconds": time.time() - t0})
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_auroc": score, "seconds": time.time() - t0,
+                        "lr": opt.param_groups[0]["lr"]})
         log.info("epoch %d: loss %.4f, val mean AUROC %.4f", epoch, history[-1]["loss"], score)
         if key > best or best_state is None:
             best, best_epoch, bad_epochs = key, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
                 log.info("early stop: no better val AUROC for %d epochs", cfg.patience)
-                break
+                stopped = True
+        _save_state(out_dir, {"settings": settings, "epoch": epoch, "stopped": stopped,
+                              "model": model.state_dict(), "opt": opt.state_dict(),
+                              "sampler_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                              "history": history, "best": None if best == -math.inf else best,
+                              "best_epoch": best_epoch, "best_state": best_state, "bad_epochs": bad_epochs})
     model.load_state_dict(best_state)
     result = {"best_epoch": best_epoch, "best_val_auroc": None if best == -math.inf else best, "history": history}
-    save_classifier(model.cpu(), out_dir, {"train": _jsonable(asdict(cfg)), "data_provenance": provenance,
-                                           "result": result})
+    save_classifier(model.cpu(), out_dir, {"train": settings, "data_provenance": provenance, "result": result})
+    (out_dir / STATE_NAME).unlink(missing_ok=True)          # the saved classifier is the result now
     return result
+
+
+def _save_state(out_dir: Path, state: dict) -> None:
+    """OUT/train_state.pt, written atomically after every epoch (a crash loses at most one epoch)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (STATE_NAME + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out_dir / STATE_NAME)
+
+
+def _load_state(out_dir: Path, settings: dict) -> dict | None:
+    """The state a crashed run left in out_dir, or None for a fresh start. Refuses a folder whose
+    state or finished classifier was made with other settings (naming them), so a rerun never
+    mixes two trainings. A folder that finished with the same settings gives {"finished": result}."""
+    def differing(old: dict) -> list[str]:
+        return sorted(k for k in set(old) | set(settings)
+                      if k not in _RESUMABLE_CHANGES and old.get(k) != settings.get(k))
+
+    path = out_dir / STATE_NAME
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        old = state["settings"]
+        diff = differing(old)
+        if diff:
+            raise ValueError(f"{out_dir} holds an unfinished training with other settings "
+                             f"({', '.join(f'{k}: {old.get(k)!r} -> {settings.get(k)!r}' for k in diff)}); "
+                             f"use another --out, or the same settings to resume")
+        return state
+    if (out_dir / CONFIG_NAME).is_file():
+        meta = json.loads((out_dir / CONFIG_NAME).read_text())
+        diff = differing(meta.get("train", {}))
+        if diff or "result" not in meta:
+            raise FileExistsError(f"{out_dir} already holds a classifier trained with other settings "
+                                  f"({', '.join(diff) or 'no training record'}); use another --out or delete it")
+        return {"finished": meta["result"]}
+    return None
 
 
 def _jsonable(d):
