@@ -268,7 +268,7 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
 
     data = make_dataset(tmp_path / "data", n_train=24, n_val=10)
     cfg = TrainConfig(data=str(data), size=32, epochs=4, patience=4, batch_size=8, lr=3e-3, balanced=True,
-                      schedule="cosine", model=ClassifierConfig.tiny(pool="max"))
+                      schedule="cosine", augment=True, model=ClassifierConfig.tiny(pool="max"))
     whole = train_classifier(cfg, tmp_path / "whole")
 
     real_predict, calls = C.predict, []
@@ -298,3 +298,24 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
     assert train_classifier(cfg, tmp_path / "crash") == resumed
     with pytest.raises(FileExistsError, match="epochs"):
         train_classifier(TrainConfig(**{**cfg.__dict__, "epochs": 5}), tmp_path / "crash")
+
+
+def test_augment_batch_moves_a_dot_as_drawn_and_is_reproducible():
+    from megamed.eval.classifier import augment_batch
+    x = torch.full((3, 1, 41, 53), -1.0)
+    x[:, :, 20, 26] = 1.0                                     # one bright pixel at the centre
+    same = augment_batch(x, torch.Generator().manual_seed(0), shift=0, scale=0, degrees=0, contrast=0, brightness=0)
+    assert torch.allclose(same, x, atol=1e-5)                 # zero jitter is the identity
+    # a pure shift of s (fraction of the side) moves the dot by s * side pixels, against the grid's sign
+    g = torch.Generator().manual_seed(3)
+    y = augment_batch(x, g, shift=0.1, scale=0, degrees=0, contrast=0, brightness=0)
+    g = torch.Generator().manual_seed(3)
+    torch.rand(6, generator=g, dtype=torch.float64)          # augment_batch draws angle and zoom first
+    sx = -0.2 + 0.4 * torch.rand(3, generator=g, dtype=torch.float64)    # then the x shifts
+    for i in range(3):
+        w = (y[i, 0] + 1).clamp(min=0)
+        cx = float((w.sum(0) * torch.arange(53)).sum() / w.sum())
+        assert cx == pytest.approx(26 - sx[i].item() / 2 * 53, abs=0.05)
+    a = augment_batch(x, torch.Generator().manual_seed(5))
+    b = augment_batch(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not torch.equal(a, x) and a.shape == x.shape

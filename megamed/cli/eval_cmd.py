@@ -45,7 +45,8 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     model = ClassifierConfig(growth=args.growth, blocks=args.blocks, init_features=args.init_features, pool=args.pool)
     cfg = TrainConfig(data=args.data, size=args.size, uncertain=args.uncertain, balanced=args.balanced,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                      schedule=args.schedule, seed=args.seed, workers=args.workers, device=args.device, model=model,
+                      schedule=args.schedule, augment=args.augment, seed=args.seed, workers=args.workers,
+                      device=args.device, model=model,
                       shuffle_labels=args.shuffle_labels, cache_images=args.cache_images)
     result = train_classifier(cfg, args.out)
     print(f"best epoch {result['best_epoch']}: val mean AUROC {result['best_val_auroc']}; saved to {args.out}")
@@ -229,6 +230,8 @@ def register(subparsers) -> None:
                         "findings a few pixels wide from being averaged away")
     t.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate per step: constant, or cosine from --lr down to lr/100 at the last epoch")
+    t.add_argument("--augment", action="store_true",
+                   help="random shift (6%%), zoom (8%%), rotation (5 deg) and contrast per training image; no flips")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     t.add_argument("--device", default="cpu")

@@ -382,6 +382,7 @@ class TrainConfig:
     shuffle_labels: bool = False              # control: labels permuted among train (and val) rows
     cache_images: bool = False                # keep decoded images in memory (float16) after epoch 1
     schedule: str = "constant"                # lr per step: constant | cosine (lr -> lr/100 over all epochs)
+    augment: bool = False                     # random shift/scale/rotation + contrast per training image
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self):
@@ -397,6 +398,29 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, shift: float = 0.06, scale: float = 0.08,
+                  degrees: float = 5.0, contrast: float = 0.1, brightness: float = 0.05) -> torch.Tensor:
+    """Random pose and exposure jitter of training images x [B, C, H, W] in [-1, 1], per image:
+    shift up to `shift` of the side, zoom 1 +- scale, rotation +- degrees (border pixels repeat),
+    then x * (1 +- contrast) +- brightness. No flips: the heart's side and the side labels would
+    lie. Draws from `gen` (CPU) only, so a resumed run draws the same jitter."""
+    b = x.shape[0]
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=gen, dtype=torch.float64)
+
+    ang, zoom = torch.deg2rad(u(-degrees, degrees)), u(1 - scale, 1 + scale)
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)           # output -> input sampling coordinates
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(ang) / zoom, -torch.sin(ang) / zoom
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(ang) / zoom, torch.cos(ang) / zoom
+    theta[:, :, 2] = torch.stack([u(-2 * shift, 2 * shift), u(-2 * shift, 2 * shift)], 1)   # grid units: side = 2
+    gain, offset = u(1 - contrast, 1 + contrast), u(-brightness, brightness)
+    theta, gain, offset = (t.to(x.device, x.dtype) for t in (theta, gain, offset))
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return x * gain.view(b, 1, 1, 1) + offset.view(b, 1, 1, 1)
 
 
 # settings that may change between a crash and its resume without changing the result's meaning
@@ -547,6 +571,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
     train_ds = WithFindings(train_ds, cfg.model.findings)
     val_ds = WithFindings(val_ds, cfg.model.findings)
     gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 7919)      # augmentation draws, apart from sampling
     if cfg.balanced:
         w = balanced_weights(np.array([r["labels"] for r in train_ds.ds.rows], dtype=np.float64))
         sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(w), len(w), replacement=True, generator=gen)
@@ -568,6 +593,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["sampler_rng"])
+        aug_gen.set_state(state["augment_rng"])
         torch.set_rng_state(state["torch_rng"])
         history, best_epoch, best_state, bad_epochs = state["history"], state["best_epoch"], state["best_state"], state["bad_epochs"]
         best = -math.inf if state["best"] is None else state["best"]
@@ -582,6 +608,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
         t0, losses = time.time(), []
         for b in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
             b = {k: v.to(cfg.device) for k, v in b.items()}
+            if cfg.augment:
+                b["image"] = augment_batch(b["image"], aug_gen)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, total_steps)
             loss, _ = classifier_loss(model(b["image"]), b)
@@ -607,7 +635,8 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
                 stopped = True
         _save_state(out_dir, {"settings": settings, "epoch": epoch, "stopped": stopped,
                               "model": model.state_dict(), "opt": opt.state_dict(),
-                              "sampler_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                              "sampler_rng": gen.get_state(), "augment_rng": aug_gen.get_state(),
+                              "torch_rng": torch.get_rng_state(),
                               "history": history, "best": None if best == -math.inf else best,
                               "best_epoch": best_epoch, "best_state": best_state, "bad_epochs": bad_epochs})
     model.load_state_dict(best_state)
@@ -660,4 +689,5 @@ def _jsonable(d):
 __all__ = ["ClassifierConfig", "DenseNetClassifier", "TrainConfig", "train_classifier", "predict",
            "load_classifier", "save_classifier", "finding_scores", "load_densenet_weights", "masked_bce", "classifier_loss",
            "finding_targets", "balanced_weights", "WithFindings", "FINDING_NAMES", "SIDES", "SEVERITY_BINS",
-           "severity_bin", "severity_bin_auroc", "shuffle_labels", "generated_rows", "CachedImages"]
+           "severity_bin", "severity_bin_auroc", "shuffle_labels", "generated_rows", "CachedImages", "augment_batch",
+           "lr_at"]
