@@ -247,6 +247,20 @@ def test_pools_read_the_same_state_dict_and_differ_as_defined():
     assert torch.allclose(nets["avgmax"].embed(x), 0.5 * (h.flatten(2).mean(-1) + h.flatten(2).max(-1).values), atol=1e-6)
     with pytest.raises(ValueError, match="pool"):
         ClassifierConfig(pool="gem")
+    # lse: each label's logit is a log-sum-exp over cells of the classifier read at every cell
+    from megamed.eval.classifier import LSE_R
+    lse = DenseNetClassifier(ClassifierConfig.tiny(pool="lse")).eval()
+    lse.load_state_dict(sd)
+    torch.nn.init.normal_(lse.classifier.weight)
+    torch.nn.init.normal_(lse.classifier.bias)
+    out = lse(x)
+    W, b = lse.classifier.weight.double(), lse.classifier.bias.double()
+    hd = h.double().flatten(2)                                # [B, C, cells]
+    for i in range(2):
+        z = W @ hd[i]                                         # [14, cells]
+        want = torch.log(torch.exp(LSE_R * z).mean(-1)) / LSE_R + b
+        assert torch.allclose(out["logits"][i].double(), want, atol=1e-4)
+    assert torch.allclose(out["features"], nets["avgmax"].embed(x), atol=1e-6)
 
 
 def test_cosine_schedule_endpoints():

@@ -225,9 +225,10 @@ def register(subparsers) -> None:
     t.add_argument("--growth", type=int, default=32, help="channels per dense layer (width); 8 for a CPU variant")
     t.add_argument("--blocks", type=_blocks, default=(6, 12, 24, 16), help="layers per dense block (default 6,12,24,16)")
     t.add_argument("--init-features", type=int, default=64)
-    t.add_argument("--pool", choices=["avg", "max", "avgmax"], default="avg",
+    t.add_argument("--pool", choices=["avg", "max", "avgmax", "lse"], default="avg",
                    help="global pool of the last feature map: avg (torchvision's) or max / avgmax, which keep "
-                        "findings a few pixels wide from being averaged away")
+                        "findings a few pixels wide from being averaged away; lse: the classifier at every cell, "
+                        "soft maximum per label")
     t.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate per step: constant, or cosine from --lr down to lr/100 at the last epoch")
     t.add_argument("--augment", action="store_true",

@@ -8,6 +8,7 @@ Architecture (Huang et al. 2017, as in torchvision's densenet121; no torchvision
         conv3x3 (growth), its output concatenated to its input        channels += growth per layer
     features.transition{i} (between blocks): BN-ReLU-conv1x1 (halve channels) -> avgpool 2x2
     features.norm5 -> ReLU -> global pool (avg; or max / avgmax)      [B, C]  ("features": penultimate)
+                    (pool="lse": classifier per cell, then log-sum-exp over cells per label)
     classifier      Linear(C, 14)                                      [B, 14] CheXpert logits
     severity_head   Linear(C, F)                                       [B, F]  per finding, sigmoid -> (0, 1)
     side_head       Linear(C, 4 F)                                     [B, F, 4] logits over SIDES
@@ -18,7 +19,9 @@ torchxrayvision's load with `load_densenet_weights` (3-channel conv0 summed to 1
 Adaptive pooling makes any input size >= 32 px work. `growth`/`blocks`/`init_features` give the
 small CPU variant (ClassifierConfig.tiny()). `pool` has no parameters, so it does not change the
 state dict: "avg" is torchvision's; "max" (or "avgmax", their mean) lets a finding a few pixels
-wide (a 10 mm nodule at 256 px) decide the logit instead of being averaged over the whole image.
+wide (a 10 mm nodule at 256 px) decide the logit instead of being averaged over the whole image;
+"lse" applies the classifier at every cell of the last map and takes a soft maximum of each
+label's logits over cells (features and the severity/side heads use avgmax).
 
 Targets: labels [14] with NaN = ignored (masked BCE). The example data set's metadata.csv also has
 a findings column {finding: {"severity": s, "side": side}}; for those rows severity (MSE) and
@@ -61,7 +64,8 @@ FINDING_NAMES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Fracture", "Lu
 SIDES = ("left", "right", "bilateral", "none")
 CONFIG_NAME, WEIGHTS_NAME = "classifier.json", "classifier.safetensors"
 STATE_NAME = "train_state.pt"               # per-epoch training state, for resuming after a crash
-POOLS = ("avg", "max", "avgmax")
+POOLS = ("avg", "max", "avgmax", "lse")
+LSE_R = 10.0                                # sharpness of pool="lse": 0 is the mean, infinity the max
 SCHEDULES = ("constant", "cosine")
 
 
@@ -78,7 +82,7 @@ class ClassifierConfig:
     num_classes: int = len(OBSERVATIONS)
     findings: tuple = FINDING_NAMES           # severity/side heads, one per finding (() = none)
     input_scale: float = 1.0                  # x is multiplied by this first (1024 for torchxrayvision)
-    pool: str = "avg"                         # global pool of the last feature map: avg | max | avgmax
+    pool: str = "avg"                         # global pool of the last feature map: avg | max | avgmax | lse
 
     def __post_init__(self):
         self.blocks = tuple(self.blocks)
@@ -175,22 +179,38 @@ class DenseNetClassifier(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, in_channels, H, W] -> penultimate features [B, feature_dim] (FID uses these)."""
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_channels, H, W] -> last feature map after ReLU [B, feature_dim, H/32, W/32]."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"x: expected [B, {self.cfg.in_channels}, H, W], got {tuple(x.shape)}")
         if min(x.shape[-2:]) < 32:
             raise ValueError(f"x: images must be at least 32 px a side, got {tuple(x.shape[-2:])}")
-        h = F.relu(self.features(x * self.cfg.input_scale))             # [B, C, h, w]
+        return F.relu(self.features(x * self.cfg.input_scale))
+
+    def pool_features(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, C]: avg, max, or their mean (avgmax and lse)."""
         if self.cfg.pool == "avg":
             return h.mean((2, 3))
         if self.cfg.pool == "max":
             return h.amax((2, 3))
         return 0.5 * (h.mean((2, 3)) + h.amax((2, 3)))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_channels, H, W] -> penultimate features [B, feature_dim] (FID uses these)."""
+        return self.pool_features(self.feature_map(x))
+
     def forward(self, x: torch.Tensor) -> dict:
-        f = self.embed(x)                                            # [B, C]
-        out = {"features": f, "logits": self.classifier(f)}          # logits [B, 14]
+        h = self.feature_map(x)                                      # [B, C, h, w]
+        f = self.pool_features(h)                                    # [B, C]
+        if self.cfg.pool == "lse":
+            # the classifier read at every position, then a soft maximum per label over positions
+            # (log-sum-exp, sharpness LSE_R; Wang et al. 2017): one cell holding a nodule can carry
+            # its label without other labels' evidence from elsewhere being mixed into that cell
+            z = torch.einsum("bchw,kc->bkhw", h, self.classifier.weight).flatten(2)          # [B, 14, h*w]
+            logits = (torch.logsumexp(LSE_R * z, -1) - math.log(z.shape[-1])) / LSE_R + self.classifier.bias
+        else:
+            logits = self.classifier(f)
+        out = {"features": f, "logits": logits}                      # logits [B, 14]
         if self.severity_head is not None:
             out["severity"] = torch.sigmoid(self.severity_head(f))   # [B, F] in (0, 1)
             out["side"] = self.side_head(f).unflatten(1, (-1, len(SIDES)))   # [B, F, 4] logits
