@@ -244,7 +244,8 @@ def test_pools_read_the_same_state_dict_and_differ_as_defined():
     h = torch.relu(nets["avg"].features(x))                  # independent: pool the feature map by hand
     assert torch.allclose(nets["avg"].embed(x), h.flatten(2).mean(-1), atol=1e-6)
     assert torch.allclose(nets["max"].embed(x), h.flatten(2).max(-1).values, atol=1e-6)
-    assert torch.allclose(nets["avgmax"].embed(x), 0.5 * (h.flatten(2).mean(-1) + h.flatten(2).max(-1).values), atol=1e-6)
+    avgmax = 0.5 * (h.flatten(2).mean(-1) + h.flatten(2).max(-1).values)
+    assert torch.allclose(nets["avgmax"].embed(x), avgmax, atol=1e-6)
     with pytest.raises(ValueError, match="pool"):
         ClassifierConfig(pool="gem")
     # lse: each label's logit is a log-sum-exp over cells of the classifier read at every cell

@@ -615,10 +615,12 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
         gen.set_state(state["sampler_rng"])
         aug_gen.set_state(state["augment_rng"])
         torch.set_rng_state(state["torch_rng"])
-        history, best_epoch, best_state, bad_epochs = state["history"], state["best_epoch"], state["best_state"], state["bad_epochs"]
+        history, best_epoch = state["history"], state["best_epoch"]
+        best_state, bad_epochs = state["best_state"], state["bad_epochs"]
         best = -math.inf if state["best"] is None else state["best"]
         start = state["epoch"] + 1
-        log.info("resuming %s after epoch %d (best val mean AUROC %.4f at epoch %d)", out_dir, state["epoch"], best, best_epoch)
+        log.info("resuming %s after epoch %d (best val mean AUROC %.4f at epoch %d)",
+                 out_dir, state["epoch"], best, best_epoch)
     total_steps, step = cfg.epochs * len(loader), (start - 1) * len(loader)
     stopped = state is not None and state["stopped"]
     for epoch in range(start, cfg.epochs + 1):
