@@ -252,6 +252,7 @@ def test_augment_resumes_after_a_crash(first_run, monkeypatch, capsys):
 
     ref, out, cmd, r = first_run
     (out / "cells/f0.5/seed1/with/cell.json").unlink()
+    (out / "cells/f0.5/seed1/with/classifier.json").unlink()     # killed before the classifier was saved
     calls = []
     monkeypatch.setattr(augment, "train_classifier", lambda *a, **k: calls.append(a[1]) or train_classifier(*a, **k))
 
@@ -260,7 +261,9 @@ def test_augment_resumes_after_a_crash(first_run, monkeypatch, capsys):
     monkeypatch.setattr(generate, "sample_images", boom)
     capsys.readouterr()
     assert main(cmd) == 0
-    assert "1 cells trained, 7 already done" in capsys.readouterr().out
+    got = capsys.readouterr()
+    assert "1 cells trained, 7 already done" in got.out
+    assert "epoch 1" not in got.err and "val:" not in got.err              # --no-progress reaches the classifier
     assert [p.relative_to(out).as_posix() for p in calls] == ["cells/f0.5/seed1/with"]
     again = json.loads((out / "augment.json").read_text())["subsets"]
     for a, b in zip(again, json.loads(json.dumps(r["subsets"]))):

@@ -490,7 +490,7 @@ def _cell_key_diff(old: dict, new: dict) -> list[str]:
 
 
 def run_cell(cfg: AugmentConfig, cell_dir: Path, key: dict, train_set: _Rows, val_set: _Rows, test_set: _Rows,
-             seed: int) -> dict:
+             seed: int, progress: bool = True) -> dict:
     """Train one classifier (or read the finished cell), predict the test split. Returns cell.json's
     contents plus "probs" [N_test, 14]."""
     done = cell_dir / "cell.json"
@@ -509,9 +509,9 @@ def run_cell(cfg: AugmentConfig, cell_dir: Path, key: dict, train_set: _Rows, va
     tcfg = TrainConfig(data=cfg.reference, size=cfg.size, uncertain=cfg.uncertain, balanced=cfg.balanced,
                        epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed,
                        workers=cfg.workers, device=cfg.device, model=cfg.classifier)
-    res = train_classifier(tcfg, cell_dir, train_set, val_set)
+    res = train_classifier(tcfg, cell_dir, train_set, val_set, progress=progress)
     model = load_classifier(cell_dir)
-    pred = predict(model, test_set, cfg.batch_size, cfg.device, desc="test")
+    pred = predict(model, test_set, cfg.batch_size, cfg.device, desc="test", progress=progress)
     probs = pred["probs"].astype(np.float32)
     tmp = cell_dir / "test_pred.tmp.npz"
     np.savez(tmp, probs=probs, labels=pred["labels"])
@@ -645,7 +645,8 @@ def run_augment(cfg: AugmentConfig, out_dir: str | Path, progress: bool = True) 
                    real=_hash([train.rows[i]["image_path"] for i in real]),
                    generated=_hash([[ds.rows[i]["image_path"] for i in idx] for ds, idx in parts[1:]]) + gen_key
                    if arm == "with" else "")
-        cell = run_cell(cfg, out / "cells" / sp["name"] / f"seed{s}" / arm, key, train_set, val_set, test_set, s)
+        cell = run_cell(cfg, out / "cells" / sp["name"] / f"seed{s}" / arm, key, train_set, val_set, test_set, s,
+                        progress)
         probs[sp["name"], s, arm] = cell.pop("probs")
         cell.update(n_real=len(real), n_generated=n_items - len(real))
         cells[sp["name"], s, arm] = cell

@@ -470,14 +470,15 @@ def _collate(items: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def predict(model: DenseNetClassifier, ds, batch_size: int = 32, device: str = "cpu", desc: str = "predict") -> dict:
+def predict(model: DenseNetClassifier, ds, batch_size: int = 32, device: str = "cpu", desc: str = "predict",
+            progress: bool = True) -> dict:
     """Run model over a data set: {"probs": [N, 14], "labels": [N, 14], "severity": [N, F],
     "side": [N, F] (argmax index), "features": [N, C], "index": [N]} as numpy arrays; with a
     WithFindings data set also the targets "severity_true" [N, F] (NaN unknown), "side_true" [N, F] (-1)."""
     model.eval().to(device)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate)
     acc: dict[str, list] = {}
-    for b in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for b in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         out = model(b["image"].to(device))
         got = {"probs": torch.sigmoid(out["logits"]), "labels": b["labels"], "features": out["features"],
                "index": b["index"]}
@@ -569,7 +570,8 @@ def finding_scores(pred: dict, names=FINDING_NAMES) -> dict:
     return out
 
 
-def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_ds=None) -> dict:
+def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_ds=None,
+                     progress: bool = True) -> dict:
     """Train on the train split, early-stop on the val split's mean AUROC, save the best weights.
     train_ds/val_ds override the data sets opened from cfg.data (tests, custom data).
     Returns {"best_epoch", "best_val_auroc", "history": [{"epoch", "loss", "val_auroc"}...]}."""
@@ -628,7 +630,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
             break
         model.train()
         t0, losses = time.time(), []
-        for b in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
+        for b in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
             b = {k: v.to(cfg.device) for k, v in b.items()}
             if cfg.augment:
                 b["image"] = augment_batch(b["image"], aug_gen)
@@ -640,7 +642,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
             opt.step()
             step += 1
             losses.append(float(loss.detach()))
-        pred = predict(model, val_ds, cfg.batch_size, cfg.device, desc="val")
+        pred = predict(model, val_ds, cfg.batch_size, cfg.device, desc="val", progress=progress)
         score = mean_auroc(pred["probs"], pred["labels"])
         # a val split with no label having both classes gives NaN: fall back to -loss order (keep last)
         key = score if not math.isnan(score) else -math.inf
