@@ -308,6 +308,24 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "crash" / C.STATE_NAME).exists()
 
+    # killed after the last epoch's state but before the classifier was written (early stop with
+    # patience 1, or the last epoch): the rerun trains nothing more and saves the same weights
+    short = TrainConfig(**{**cfg.__dict__, "patience": 1, "epochs": 6})
+    ref = train_classifier(short, tmp_path / "short")
+    real_save = C.save_classifier
+    monkeypatch.setattr(C, "save_classifier", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(short, tmp_path / "short2")
+    monkeypatch.setattr(C, "save_classifier", real_save)
+    def no_predict(*a, **kw):
+        raise AssertionError("an epoch ran again")
+    monkeypatch.setattr(C, "predict", no_predict)
+    again = train_classifier(short, tmp_path / "short2")
+    assert strip(again["history"]) == strip(ref["history"])
+    c, d = load_file(str(tmp_path / "short" / C.WEIGHTS_NAME)), load_file(str(tmp_path / "short2" / C.WEIGHTS_NAME))
+    assert all(torch.equal(c[k], d[k]) for k in c)
+    monkeypatch.setattr(C, "predict", real_predict)
+
     # finished: the same command returns the saved result without training; other settings refused
     monkeypatch.setattr(C, "predict", dying_predict)
     assert train_classifier(cfg, tmp_path / "crash") == resumed

@@ -578,6 +578,12 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
     from megamed.eval.metrics import mean_auroc
 
     torch.manual_seed(cfg.seed)
+    out_dir = Path(out_dir)
+    settings = _jsonable(asdict(cfg))
+    state = _load_state(out_dir, settings)                  # before any data is read: a finished folder is done
+    if state is not None and "finished" in state:
+        log.info("%s: already trained with these settings (best epoch %d)", out_dir, state["finished"]["best_epoch"])
+        return state["finished"]
     train_ds = train_ds if train_ds is not None else open_split(cfg.data, "train", cfg.size, cfg.uncertain)
     val_ds = val_ds if val_ds is not None else open_split(cfg.data, "val", cfg.size, cfg.uncertain)
     # what the judge saw, for `megamed eval alignment` (which refuses a judge trained on generated images)
@@ -604,12 +610,6 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
                                              num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size)
     model = DenseNetClassifier(cfg.model).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    out_dir = Path(out_dir)
-    settings = _jsonable(asdict(cfg))
-    state = _load_state(out_dir, settings)
-    if state is not None and "finished" in state:           # the same training, already done: nothing to redo
-        log.info("%s: already trained with these settings (best epoch %d)", out_dir, state["finished"]["best_epoch"])
-        return state["finished"]
     history, best, best_epoch, best_state, bad_epochs, start = [], -math.inf, 0, None, 0, 1
     if state is not None:                                   # resume after a crash: where the last epoch ended
         model.load_state_dict(state["model"])
@@ -620,14 +620,12 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
         history, best_epoch = state["history"], state["best_epoch"]
         best_state, bad_epochs = state["best_state"], state["bad_epochs"]
         best = -math.inf if state["best"] is None else state["best"]
-        start = state["epoch"] + 1
+        # a run that had stopped early (patience used up) only has its best weights left to save
+        start = cfg.epochs + 1 if state["bad_epochs"] >= cfg.patience else state["epoch"] + 1
         log.info("resuming %s after epoch %d (best val mean AUROC %.4f at epoch %d)",
                  out_dir, state["epoch"], best, best_epoch)
     total_steps, step = cfg.epochs * len(loader), (start - 1) * len(loader)
-    stopped = state is not None and state["stopped"]
     for epoch in range(start, cfg.epochs + 1):
-        if stopped:
-            break
         model.train()
         t0, losses = time.time(), []
         for b in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
@@ -654,15 +652,15 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                log.info("early stop: no better val AUROC for %d epochs", cfg.patience)
-                stopped = True
-        _save_state(out_dir, {"settings": settings, "epoch": epoch, "stopped": stopped,
+        _save_state(out_dir, {"settings": settings, "epoch": epoch,
                               "model": model.state_dict(), "opt": opt.state_dict(),
                               "sampler_rng": gen.get_state(), "augment_rng": aug_gen.get_state(),
                               "torch_rng": torch.get_rng_state(),
                               "history": history, "best": None if best == -math.inf else best,
                               "best_epoch": best_epoch, "best_state": best_state, "bad_epochs": bad_epochs})
+        if bad_epochs >= cfg.patience:
+            log.info("early stop: no better val AUROC for %d epochs", cfg.patience)
+            break
     model.load_state_dict(best_state)
     result = {"best_epoch": best_epoch, "best_val_auroc": None if best == -math.inf else best, "history": history}
     save_classifier(model.cpu(), out_dir, {"train": settings, "data_provenance": provenance, "result": result})
