@@ -77,7 +77,8 @@ def test_generate_round_trip_determinism_and_resume(tmp_path, monkeypatch):
     # resume: only missing or broken images are rendered again, and they come back identical
     calls = []
     real = example.render_item
-    monkeypatch.setattr(example, "render_item", lambda *a, **k: calls.append(a[0]["index"]) or real(*a, **k))
+    monkeypatch.setattr(example, "render_item",
+                        lambda *a, **k: (calls.append(a[0]["index"]) if k.get("image", True) else None) or real(*a, **k))
     assert generate(a, cfg, progress=False) == 0 and calls == []
     original = (a / "images/000001.png").read_bytes()
     (a / "images/000001.png").unlink()
@@ -94,6 +95,48 @@ def test_generate_round_trip_determinism_and_resume(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="count: 3 -> 4"):
         generate(a, ExampleConfig(count=4, seed=5, bodies=2, **SMALL), progress=False)
     assert generate(a, ExampleConfig(count=3, seed=5, bodies=2, workers=2, **SMALL), progress=False) == 0
+
+
+def test_regions_locate_each_finding_and_resume_without_rendering(tmp_path, monkeypatch):
+    """regions: a box per finding, in [0, 1], holding where the image changed because of it
+    (independent check: the same item rendered without its findings, pixel difference); a set
+    whose metadata.csv predates the column gets its regions without re-rendering any image."""
+    from megamed.data.layout import write_metadata
+
+    cfg = ExampleConfig(count=12, seed=4, bodies=2, size=64, ct_factor=4, render_px=64)
+    out = tmp_path / "a"
+    generate(out, cfg, progress=False)
+    rows, items = read_metadata(out), plan(cfg)
+    checked = 0
+    example._init_worker(cfg.ct_factor)
+    for r, it in zip(rows, items):
+        regions = json.loads(r["regions"])
+        assert set(regions) == set(it["findings"])
+        for box in regions.values():
+            x0, y0, x1, y1 = box
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        if len(it["findings"]) == 1 and "Support Devices" not in it["findings"]:
+            (name, box), = regions.items()
+            with_f = example.render_item(it, cfg.size, cfg.render_px, cfg.seed)[0].astype(np.float64)
+            without = example.render_item(dict(it, findings={}), cfg.size, cfg.render_px, cfg.seed)[0].astype(np.float64)
+            diff = np.abs(with_f - without)
+            ys, xs = np.nonzero(diff >= np.quantile(diff, 0.995))       # the most changed pixels
+            x0, y0, x1, y1 = (np.array(box) * cfg.size)
+            inside = (xs >= x0 - 2) & (xs < x1 + 2) & (ys >= y0 - 2) & (ys < y1 + 2)
+            assert inside.mean() > 0.8, (name, box)
+            checked += 1
+    assert checked >= 2
+
+    # a set written before the regions column existed: regions computed, no image rendered again
+    before = (out / "metadata.csv").read_bytes()
+    write_metadata(out, [{k: v for k, v in r.items() if k != "regions"} for r in rows],
+                   [c for c in list(rows[0]) if c != "regions"])
+    calls = []
+    real = example.render_item
+    monkeypatch.setattr(example, "render_item", lambda *a, **k: calls.append(k.get("image", True)) or real(*a, **k))
+    assert generate(out, cfg, progress=False) == 0
+    assert calls and not any(calls)                              # regions-only work, no render
+    assert (out / "metadata.csv").read_bytes() == before
 
 
 def test_different_seed_different_images(tmp_path):

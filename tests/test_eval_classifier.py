@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megamed.data.images import write_png16
 from megamed.data.layout import OBSERVATIONS, write_metadata
 from megamed.data.loaders import MegamedDataset
 from megamed.eval.classifier import (FINDING_NAMES, SIDES, ClassifierConfig, DenseNetClassifier, TrainConfig,
-                                     balanced_weights, finding_targets, load_classifier, load_densenet_weights,
+                                     balanced_weights, classifier_loss, finding_targets, load_classifier, load_densenet_weights,
                                      masked_bce, train_classifier)
 
 
@@ -262,6 +263,10 @@ def test_pools_read_the_same_state_dict_and_differ_as_defined():
         want = torch.log(torch.exp(LSE_R * z).mean(-1)) / LSE_R + b
         assert torch.allclose(out["logits"][i].double(), want, atol=1e-4)
     assert torch.allclose(out["features"], nets["avgmax"].embed(x), atol=1e-6)
+    # its per-cell logits are the same classifier read at each cell, on the feature map's grid
+    cells = out["cell_logits"].double()                      # [B, 14, h, w]
+    assert cells.shape == (2, 14, *h.shape[-2:])
+    assert torch.allclose(cells.flatten(2), torch.einsum("kc,bcn->bkn", W, hd) + b[:, None], atol=1e-4)
 
 
 def test_cosine_schedule_endpoints():
@@ -331,6 +336,12 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
     assert train_classifier(cfg, tmp_path / "crash") == resumed
     with pytest.raises(FileExistsError, match="epochs"):
         train_classifier(TrainConfig(**{**cfg.__dict__, "epochs": 5}), tmp_path / "crash")
+    # a folder written before a setting existed counts as that setting's default
+    meta_path = tmp_path / "crash" / C.CONFIG_NAME
+    meta = json.loads(meta_path.read_text())
+    del meta["train"]["localize"]
+    meta_path.write_text(json.dumps(meta))
+    assert train_classifier(cfg, tmp_path / "crash") == resumed
 
 
 def test_augment_batch_moves_a_dot_as_drawn_and_is_reproducible():
@@ -352,3 +363,62 @@ def test_augment_batch_moves_a_dot_as_drawn_and_is_reproducible():
     a = augment_batch(x, torch.Generator().manual_seed(5))
     b = augment_batch(x, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and not torch.equal(a, x) and a.shape == x.shape
+
+
+def test_region_targets_and_cell_grid():
+    from megamed.eval.classifier import cell_targets, region_targets
+
+    boxes = region_targets('{"Lung Lesion": [0.30, 0.55, 0.36, 0.60], "Cardiomegaly": [0.3, 0.4, 0.8, 0.9], '
+                           '"Fracture": []}')
+    assert boxes.shape == (14, 4)
+    assert torch.isnan(boxes[OBSERVATIONS.index("Fracture")]).all()          # changed no pixel: unknown
+    assert torch.isnan(boxes[OBSERVATIONS.index("Lung Opacity")]).all()      # implied only: unknown
+    assert torch.isnan(region_targets("")).all()
+    t = cell_targets(boxes[[OBSERVATIONS.index("Lung Lesion"), OBSERVATIONS.index("Cardiomegaly")]].double(), 8, 8)
+    # by hand: cell (i, j) spans [j/8, (j+1)/8) x [i/8, (i+1)/8); the nodule sits in row 4, column 2
+    want = torch.zeros(8, 8, dtype=torch.float64)
+    want[4, 2] = 1
+    assert torch.equal(t[0], want)
+    want = torch.zeros(8, 8, dtype=torch.float64)
+    want[3:8, 2:7] = 1                                       # y 0.4..0.9 -> rows 3..7, x 0.3..0.8 -> cols 2..6
+    assert torch.equal(t[1], want)
+    for bad, word in [('{"Lung Lesion": [0.5, 0.5, 0.4, 0.6]}', "x0 < x1"), ('{"Nodule": [0, 0, 1, 1]}', "unknown"),
+                      ('[1, 2]', "JSON object")]:
+        with pytest.raises(ValueError, match=word):
+            region_targets(bad)
+
+
+def test_localization_loss_is_balanced_bce_over_cells():
+    from megamed.eval.classifier import localization_loss
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 14, 4, 4, dtype=torch.float64)
+    boxes = torch.full((2, 14, 4), float("nan"), dtype=torch.float64)
+    assert localization_loss(z, boxes) is None
+    boxes[0, 4] = torch.tensor([0.0, 0.0, 0.25, 0.25])        # one cell: (0, 0)
+    boxes[1, 2] = torch.tensor([0.0, 0.0, 1.0, 1.0])          # every cell: no negatives
+    inside0 = F.softplus(-z[0, 4, 0, 0])                      # BCE with target 1, by hand
+    outside0 = (F.softplus(z[0, 4]).sum() - F.softplus(z[0, 4, 0, 0])) / 15
+    whole1 = F.softplus(-z[1, 2]).mean()
+    want = ((inside0 + outside0) / 2 + whole1) / 2
+    assert torch.allclose(localization_loss(z, boxes), want)
+    # a cell logit that agrees with its box lowers the loss; one that disagrees raises it
+    z2 = z.clone()
+    z2[0, 4, 0, 0] += 3
+    assert localization_loss(z2, boxes) < localization_loss(z, boxes)
+    # in classifier_loss: only with localize > 0 and a model that gives cell logits
+    out = {"logits": torch.zeros(2, 14, dtype=torch.float64), "cell_logits": z}
+    batch = {"labels": torch.zeros(2, 14, dtype=torch.float64), "boxes": boxes}
+    base, parts = classifier_loss(out, batch)
+    assert "localize" not in parts
+    loss, parts = classifier_loss(out, batch, localize=0.5)
+    assert torch.allclose(loss, base + 0.5 * want) and parts["localize"] == pytest.approx(float(want))
+
+
+def test_localize_needs_lse_and_no_augment():
+    with pytest.raises(ValueError, match="pool 'lse'"):
+        TrainConfig(localize=1.0, model=ClassifierConfig.tiny(pool="avgmax"))
+    with pytest.raises(ValueError, match="augment"):
+        TrainConfig(localize=1.0, augment=True, model=ClassifierConfig.tiny(pool="lse"))
+    with pytest.raises(ValueError, match="localize"):
+        TrainConfig(localize=-1.0)

@@ -45,7 +45,8 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
     model = ClassifierConfig(growth=args.growth, blocks=args.blocks, init_features=args.init_features, pool=args.pool)
     cfg = TrainConfig(data=args.data, size=args.size, uncertain=args.uncertain, balanced=args.balanced,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                      schedule=args.schedule, augment=args.augment, seed=args.seed, workers=args.workers,
+                      schedule=args.schedule, augment=args.augment, localize=args.localize, seed=args.seed,
+                      workers=args.workers,
                       device=args.device, model=model,
                       shuffle_labels=args.shuffle_labels, cache_images=args.cache_images)
     result = train_classifier(cfg, args.out)
@@ -233,6 +234,10 @@ def register(subparsers) -> None:
                    help="learning rate per step: constant, or cosine from --lr down to lr/100 at the last epoch")
     t.add_argument("--augment", action="store_true",
                    help="random shift (6%%), zoom (8%%), rotation (5 deg) and contrast per training image; no flips")
+    t.add_argument("--localize", type=float, default=0.0, metavar="W",
+                   help="with --pool lse on the example set: add W x a per-cell loss that marks the cells of "
+                        "each finding's box (metadata.csv regions) positive and the rest negative, so the judge "
+                        "learns where a finding is, not only that the image has it (default 0: off)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     t.add_argument("--device", default="cpu")

@@ -13,6 +13,10 @@ byte for byte and any image can be re-rendered alone):
   findings findings.simulate() edits a copy of the body's attenuation in small boxes.
   render   drr.project(body) once for the pose, plus drr.project_box() of each finding's
            delta (linearity of line integrals), then drr.expose() (noise, log, window).
+  regions  each finding's bounding box in the image, where its projected delta is at least
+           REGION_LEVEL of its peak: metadata.csv's regions column, {finding: [x0, y0, x1, y1]}
+           as fractions of the width/height (x right, y down; x1, y1 exclusive). The judge can
+           learn *where* a finding is from it (`megamed eval classifier train --localize`).
 
 Splits are by BODY: train/val/test get ~80/10/10% of the body seeds, so no test image shares
 anatomy with a training image.
@@ -27,13 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from megamed.data.layout import COLUMNS, OBSERVATIONS, label_str, write_metadata
+from megamed.data.layout import COLUMNS, OBSERVATIONS, label_str, read_metadata, write_metadata
 from megamed.text.prompts import prompt_from_labels
 
 log = logging.getLogger(__name__)
 
 NORMAL_FRACTION = 0.25
 SAVE_EVERY = 50                 # rewrite metadata.csv (atomically) every this many finished images
+REGION_LEVEL = 0.25             # a region is where |projected delta| >= this share of its peak
+                                # (a sphere's disk down to 0.97 of its radius)
 
 
 @dataclass
@@ -167,8 +173,23 @@ def _body(seed: int):
     return _BODIES[seed]
 
 
-def render_item(item: dict, size: int, render_px: int, seed: int) -> np.ndarray:
-    """(size, size) uint16 radiograph of a planned image (in a process set up by _init_worker)."""
+def finding_region(dL) -> list[float]:
+    """Bounding box [x0, y0, x1, y1] (fractions of the side; x1, y1 exclusive) of where a finding's
+    projected delta dL [px, px] reaches REGION_LEVEL of its peak; [] when it changes nothing."""
+    a = dL.abs()
+    peak = float(a.max())
+    if peak <= 0:
+        return []
+    ys, xs = (a >= REGION_LEVEL * peak).nonzero(as_tuple=True)
+    h, w = a.shape
+    return [round(int(xs.min()) / w, 4), round(int(ys.min()) / h, 4),
+            round((int(xs.max()) + 1) / w, 4), round((int(ys.max()) + 1) / h, 4)]
+
+
+def render_item(item: dict, size: int, render_px: int, seed: int, image: bool = True):
+    """(size, size) uint16 radiograph of a planned image (in a process set up by _init_worker) and
+    its regions {finding: [x0, y0, x1, y1]}. image=False computes only the regions (no projection
+    of the body, no exposure): how a set rendered before regions existed gets them."""
     import torch
 
     from megamed.data.drr import Exposure, Geometry, expose, project, project_box, to_uint16
@@ -177,15 +198,21 @@ def render_item(item: dict, size: int, render_px: int, seed: int) -> np.ndarray:
     body = _body(item["body_seed"])
     geom, exp = Geometry(**item["geometry"]), Exposure(**item["exposure"])
     px = min(size, render_px)
-    L = project(body.mu, body.spacing, geom, px)
+    L = project(body.mu, body.spacing, geom, px) if image else None
+    regions = {}
     if item["findings"]:
         work = body.mu.copy()
         for k, (name, f) in enumerate(item["findings"].items()):
             rng = np.random.default_rng([seed, item["index"], 100 + k])
-            for e in simulate(name, body, work, rng, f["severity"], f["side"], geom.view):
-                L += project_box(e.delta, e.start, body.shape, body.spacing, geom, px)
+            dL = sum(project_box(e.delta, e.start, body.shape, body.spacing, geom, px)
+                     for e in simulate(name, body, work, rng, f["severity"], f["side"], geom.view))
+            regions[name] = finding_region(dL)
+            if image:
+                L += dL
+    if not image:
+        return None, regions
     gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, item["index"], 3]).integers(2**62)))
-    return to_uint16(expose(L, exp, size, gen))
+    return to_uint16(expose(L, exp, size, gen)), regions
 
 
 def write_png16(path: Path, img: np.ndarray) -> None:
@@ -211,10 +238,12 @@ def png_complete(path: Path, size: int) -> bool:
         return False
 
 
-def _task(args) -> int:
-    item, out, size, render_px, seed = args
-    write_png16(Path(out) / "images" / f"{item['index']:06d}.png", render_item(item, size, render_px, seed))
-    return item["index"]
+def _task(args) -> tuple[int, dict]:
+    item, out, size, render_px, seed, image = args
+    img, regions = render_item(item, size, render_px, seed, image=image)
+    if image:
+        write_png16(Path(out) / "images" / f"{item['index']:06d}.png", img)
+    return item["index"], regions
 
 
 def _run(args: list, cfg: ExampleConfig):
@@ -267,24 +296,40 @@ def generate(out: str | Path, cfg: ExampleConfig, progress: bool = True) -> int:
     _claim(out, cfg)
     items = plan(cfg)
     rows = {it["index"]: make_row(it) for it in items}
-    todo = [it for it in items if not png_complete(out / rows[it["index"]]["Path"], cfg.size)]
-    done = set(rows) - {it["index"] for it in todo}
-    todo.sort(key=lambda it: (it["body"], it["index"]))   # a worker reuses the deformed body
-    log.info("%d images planned, %d already rendered, %d to render", len(items), len(done), len(todo))
+    # regions of images already rendered come from the metadata.csv a previous run wrote; an
+    # image rendered before regions existed gets them computed alone (no re-render)
+    known = {}
+    if (out / "metadata.csv").is_file():
+        known = {r["Path"]: r["regions"] for r in read_metadata(out) if (r.get("regions") or "").strip()}
+    render, regions_only, done = [], [], set()
+    for it in items:
+        row = rows[it["index"]]
+        if not png_complete(out / row["Path"], cfg.size):
+            render.append(it)
+        elif not it["findings"] or row["Path"] in known:
+            row["regions"] = json.loads(known[row["Path"]]) if it["findings"] else {}
+            done.add(it["index"])
+        else:
+            regions_only.append(it)
+    todo = sorted(render + regions_only, key=lambda it: (it["body"], it["index"]))   # a worker reuses the body
+    log.info("%d images planned, %d already rendered, %d to render, %d to compute regions for",
+             len(items), len(done) + len(regions_only), len(render), len(regions_only))
 
     def save():
         write_metadata(out, [rows[i] for i in sorted(done)], COLUMNS)
 
-    args = [(it, str(out), cfg.size, cfg.render_px, cfg.seed) for it in todo]
+    is_render = {it["index"] for it in render}
+    args = [(it, str(out), cfg.size, cfg.render_px, cfg.seed, it["index"] in is_render) for it in todo]
     bar = tqdm(total=len(items), initial=len(done), desc="render", unit="img", disable=not progress)
-    for n, i in enumerate(_run(args, cfg), 1):
+    for n, (i, regions) in enumerate(_run(args, cfg), 1):
+        rows[i]["regions"] = regions
         done.add(i)
         bar.update()
         if n % SAVE_EVERY == 0:
             save()
     bar.close()
     save()
-    return len(todo)
+    return len(render)
 
 
 # -----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The one data-set layout megamed writes and reads.
 
     DIR/metadata.csv   CheXpert's columns, then megamed's own (split, prompt, per-finding
-                       severity/side, render or generation parameters as JSON)
+                       severity/side, render or generation parameters, finding regions as JSON)
     DIR/images/*.png   16-bit grayscale PNGs (8-bit accepted on read)
 
 Label values follow CheXpert: "1.0" positive, "0.0" negative, "-1.0" uncertain, "" blank.
@@ -24,7 +24,9 @@ OBSERVATIONS = [
 CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + OBSERVATIONS
 # megamed's extra columns. severity/side per finding live in one JSON column to keep the CSV
 # readable by CheXpert tools: {"Cardiomegaly": {"severity": 0.6, "side": "bilateral"}, ...}
-EXTRA_COLUMNS = ["split", "prompt", "findings", "params"]
+# regions (example set only): each finding's box in the image, {"Lung Lesion": [x0, y0, x1, y1]}
+# as fractions of width/height, so a classifier can be taught where a finding lies.
+EXTRA_COLUMNS = ["split", "prompt", "findings", "params", "regions"]
 COLUMNS = CHEXPERT_COLUMNS + EXTRA_COLUMNS
 SPLITS = ("train", "val", "test")
 

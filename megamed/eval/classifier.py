@@ -211,6 +211,8 @@ class DenseNetClassifier(nn.Module):
         else:
             logits = self.classifier(f)
         out = {"features": f, "logits": logits}                      # logits [B, 14]
+        if self.cfg.pool == "lse":
+            out["cell_logits"] = z.unflatten(2, h.shape[-2:]) + self.classifier.bias.view(1, -1, 1, 1)   # [B, 14, h, w]
         if self.severity_head is not None:
             out["severity"] = torch.sigmoid(self.severity_head(f))   # [B, F] in (0, 1)
             out["side"] = self.side_head(f).unflatten(1, (-1, len(SIDES)))   # [B, F, 4] logits
@@ -307,6 +309,55 @@ def finding_targets(findings_cell, names=FINDING_NAMES) -> tuple[torch.Tensor, t
     return sev, side
 
 
+def region_targets(regions_cell) -> torch.Tensor:
+    """metadata.csv regions cell (JSON text, dict, or empty) -> boxes [14, 4] (x0, y0, x1, y1 as
+    fractions of the side), NaN where unknown. A finding's box goes to the CheXpert observation of
+    the same name (every simulated finding has one); observations a finding only implies (Lung
+    Opacity from a consolidation) get none."""
+    boxes = torch.full((len(OBSERVATIONS), 4), math.nan)
+    if regions_cell in (None, ""):
+        return boxes
+    r = json.loads(regions_cell) if isinstance(regions_cell, str) else regions_cell
+    if not isinstance(r, dict):
+        raise ValueError(f"regions: expected a JSON object, got {regions_cell!r}")
+    for name, box in r.items():
+        if name not in OBSERVATIONS:
+            raise ValueError(f"regions: unknown finding {name!r}; known: {', '.join(OBSERVATIONS)}")
+        if not box:
+            continue                                    # a finding that changed no pixel
+        if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise ValueError(f"regions[{name!r}]: expected [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 "
+                             f"and 0 <= y0 < y1 <= 1, got {box!r}")
+        boxes[OBSERVATIONS.index(name)] = torch.tensor([float(v) for v in box])
+    return boxes
+
+
+def cell_targets(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """boxes [..., 4] (fractions; NaN rows allowed) -> [..., h, w]: 1 where a cell of the h x w grid
+    overlaps the box, else 0 (a 10 mm nodule lies within one or two cells of the 8 x 8 map)."""
+    ys = torch.arange(h, dtype=boxes.dtype, device=boxes.device)
+    xs = torch.arange(w, dtype=boxes.dtype, device=boxes.device)
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))                   # [..., 1]
+    in_y = (y0 < (ys + 1) / h) & (y1 > ys / h)                               # [..., h]
+    in_x = (x0 < (xs + 1) / w) & (x1 > xs / w)                               # [..., w]
+    return (in_y[..., :, None] & in_x[..., None, :]).to(boxes.dtype)
+
+
+def localization_loss(cell_logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor | None:
+    """Per-cell BCE for each (image, label) with a known box: cells overlapping the box are
+    positive, the others negative, the two groups weighted equally (a nodule's one cell counts as
+    much as the 63 around it). cell_logits [B, 14, h, w], boxes [B, 14, 4]. None when no box."""
+    known = ~torch.isnan(boxes).any(-1)                                      # [B, 14]
+    if not known.any():
+        return None
+    z = cell_logits[known]                                                   # [n, h, w]
+    t = cell_targets(boxes[known].to(z.dtype), *z.shape[-2:])
+    bce = F.binary_cross_entropy_with_logits(z, t, reduction="none")
+    pos, neg = t.sum((1, 2)), (1 - t).sum((1, 2))
+    per = (bce * t).sum((1, 2)) / pos.clamp_min(1) + (bce * (1 - t)).sum((1, 2)) / neg.clamp_min(1)
+    return (per / ((pos > 0).to(z.dtype) + (neg > 0).to(z.dtype))).mean()
+
+
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean BCE-with-logits over the known (non-NaN) entries of labels [B, C]; 0 if none."""
     known = ~torch.isnan(labels)
@@ -315,11 +366,16 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits[known], labels[known])
 
 
-def classifier_loss(out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Masked BCE on labels + MSE on known severities + CE on known sides (example set only)."""
+def classifier_loss(out: dict, batch: dict, localize: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Masked BCE on labels + MSE on known severities + CE on known sides (example set only)
+    + localize * localization_loss where boxes are known (example set, pool="lse")."""
     bce = masked_bce(out["logits"], batch["labels"])
     parts = {"bce": float(bce.detach())}
     loss = bce
+    if localize > 0 and "cell_logits" in out and "boxes" in batch:
+        loc = localization_loss(out["cell_logits"], batch["boxes"])
+        if loc is not None:
+            loss, parts["localize"] = loss + localize * loc, float(loc.detach())
     if "severity" in out and "severity" in batch:
         known = ~torch.isnan(batch["severity"])
         if known.any():
@@ -333,11 +389,13 @@ def classifier_loss(out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 class WithFindings(torch.utils.data.Dataset):
-    """A loaders data set whose items also carry "severity" [F] and "side" [F] from its rows."""
+    """A loaders data set whose items also carry "severity" [F], "side" [F] and "boxes" [14, 4]
+    from its rows (findings and regions columns; unknown where a row has none)."""
 
     def __init__(self, ds, names=FINDING_NAMES):
         self.ds, self.names = ds, tuple(names)
         self.targets = [finding_targets(r.get("findings"), self.names) for r in ds.rows]   # checked up front
+        self.boxes = [region_targets(r.get("regions")) for r in ds.rows]
 
     def __len__(self):
         return len(self.ds)
@@ -345,6 +403,7 @@ class WithFindings(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.ds[i]
         item["severity"], item["side"] = self.targets[item["index"]]
+        item["boxes"] = self.boxes[item["index"]]
         return item
 
 
@@ -403,6 +462,7 @@ class TrainConfig:
     cache_images: bool = False                # keep decoded images in memory (float16) after epoch 1
     schedule: str = "constant"                # lr per step: constant | cosine (lr -> lr/100 over all epochs)
     augment: bool = False                     # random shift/scale/rotation + contrast per training image
+    localize: float = 0.0                     # weight of the per-cell loss on known finding boxes (pool lse)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self):
@@ -418,6 +478,12 @@ class TrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not self.localize >= 0:
+            raise ValueError(f"localize: must be >= 0, got {self.localize}")
+        if self.localize > 0 and self.model.pool != "lse":
+            raise ValueError(f"localize: needs pool 'lse' (per-cell logits), got pool {self.model.pool!r}")
+        if self.localize > 0 and self.augment:
+            raise ValueError("localize: cannot be combined with augment (the boxes do not follow the jitter)")
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, shift: float = 0.06, scale: float = 0.08,
@@ -464,7 +530,8 @@ def open_split(root: str | Path, split: str, size: int, uncertain: str = "ignore
 
 
 def _collate(items: list[dict]) -> dict:
-    out = {k: torch.stack([it[k] for it in items]) for k in ("image", "labels", "severity", "side") if k in items[0]}
+    out = {k: torch.stack([it[k] for it in items]) for k in ("image", "labels", "severity", "side", "boxes")
+           if k in items[0]}
     out["index"] = torch.tensor([it["index"] for it in items])
     return out
 
@@ -532,13 +599,13 @@ def severity_bin_auroc(probs, labels, severity_true, side_true, names=FINDING_NA
 
 
 def shuffle_labels(ds, seed: int) -> None:
-    """The shuffled-label control: permute whole label sets (CheXpert labels + findings cell) among
+    """The shuffled-label control: permute whole label sets (CheXpert labels + findings + regions) among
     the rows of a loaders data set, in place. Label frequencies and co-occurrences stay, the link
     to the image goes: a classifier trained on this should score AUROC ~0.5."""
     perm = np.random.default_rng([seed, 5]).permutation(len(ds.rows))
-    src = [(r["labels"], r.get("findings", "")) for r in ds.rows]
+    src = [(r["labels"], r.get("findings", ""), r.get("regions", "")) for r in ds.rows]
     for row, i in zip(ds.rows, perm):
-        row["labels"], row["findings"] = src[i]
+        row["labels"], row["findings"], row["regions"] = src[i]
 
 
 def generated_rows(rows) -> int:
@@ -634,7 +701,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
                 b["image"] = augment_batch(b["image"], aug_gen)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, total_steps)
-            loss, _ = classifier_loss(model(b["image"]), b)
+            loss, _ = classifier_loss(model(b["image"]), b, cfg.localize)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -680,9 +747,12 @@ def _load_state(out_dir: Path, settings: dict) -> dict | None:
     """The state a crashed run left in out_dir, or None for a fresh start. Refuses a folder whose
     state or finished classifier was made with other settings (naming them), so a rerun never
     mixes two trainings. A folder that finished with the same settings gives {"finished": result}."""
+    defaults = _jsonable(asdict(TrainConfig()))
+
     def differing(old: dict) -> list[str]:
+        # a setting added after `old` was written counts as its default (what that run did)
         return sorted(k for k in set(old) | set(settings)
-                      if k not in _RESUMABLE_CHANGES and old.get(k) != settings.get(k))
+                      if k not in _RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != settings.get(k))
 
     path = out_dir / STATE_NAME
     if path.is_file():
