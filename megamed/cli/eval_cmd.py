@@ -49,7 +49,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
                       workers=args.workers,
                       device=args.device, model=model,
                       shuffle_labels=args.shuffle_labels, cache_images=args.cache_images)
-    result = train_classifier(cfg, args.out)
+    result = train_classifier(cfg, args.out, progress=not args.no_progress)
     print(f"best epoch {result['best_epoch']}: val mean AUROC {result['best_val_auroc']}; saved to {args.out}")
     return 0
 
@@ -112,6 +112,18 @@ def cmd_classifier_predict(args: argparse.Namespace) -> int:
                   "| finding | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [f"| {k} | " + " | ".join(cell(v[c]) for c in cols) + " |"
                   for k, v in result["severity_bin_auroc"].items()]
+    # an LSE judge on rows with finding boxes: does its top cell for a label sit on the finding?
+    has_boxes = "boxes" in p and "cell_argmax" in p and not np.isnan(p["boxes"]).all()
+    result["localization"] = {}
+    if has_boxes:
+        from megamed.eval.localization import localization_figure, localization_markdown, pointing_game
+
+        result["localization"] = pointing_game(p["cell_argmax"], p["cell_grid"], p["boxes"], findings)
+        lines += [""] + localization_markdown(result["localization"])
+        if args.figure:
+            fig = localization_figure(model, ds, p["boxes"][np.argsort(p["index"])], out / "localization.png",
+                                      names=findings, device=args.device)
+            lines += ["", f"Figure: `{fig.name}` (box in green, the label's cell probabilities in red)."]
     _write(args.out, "classifier", result, "\n".join(lines) + "\n")
     return 0
 
@@ -241,6 +253,7 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     t.add_argument("--device", default="cpu")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (logs and batch jobs)")
     t.add_argument("--cache-images", action="store_true",
                    help="keep decoded images in memory (float16) after the first epoch: faster on small CPUs, "
                         "needs 2 bytes/pixel of RAM for train + val")
@@ -259,6 +272,8 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for F1")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-figure", dest="figure", action="store_false",
+                   help="skip localization.png (drawn for an lse judge on example-set rows with finding boxes)")
     p.set_defaults(func=cmd_classifier_predict)
 
     f = sub.add_parser("fidelity", help="FID, KID, precision/recall and within-prompt MS-SSIM")

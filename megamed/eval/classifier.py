@@ -541,9 +541,12 @@ def predict(model: DenseNetClassifier, ds, batch_size: int = 32, device: str = "
             progress: bool = True) -> dict:
     """Run model over a data set: {"probs": [N, 14], "labels": [N, 14], "severity": [N, F],
     "side": [N, F] (argmax index), "features": [N, C], "index": [N]} as numpy arrays; with a
-    WithFindings data set also the targets "severity_true" [N, F] (NaN unknown), "side_true" [N, F] (-1)."""
+    WithFindings data set also the targets "severity_true" [N, F] (NaN unknown), "side_true" [N, F] (-1)
+    and "boxes" [N, 14, 4] (NaN unknown); with pool="lse" also "cell_argmax" [N, 14] (flat index of
+    each label's highest cell) and "cell_grid" (h, w)."""
     model.eval().to(device)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    grid = None
     acc: dict[str, list] = {}
     for b in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         out = model(b["image"].to(device))
@@ -553,9 +556,17 @@ def predict(model: DenseNetClassifier, ds, batch_size: int = 32, device: str = "
             got["severity"], got["side"] = out["severity"], out["side"].argmax(-1)
         if "severity" in b:
             got["severity_true"], got["side_true"] = b["severity"], b["side"]
+        if "boxes" in b:
+            got["boxes"] = b["boxes"]
+        if "cell_logits" in out:                                     # pool lse: where each label peaks
+            grid = tuple(out["cell_logits"].shape[-2:])
+            got["cell_argmax"] = out["cell_logits"].flatten(2).argmax(-1)
         for k, v in got.items():
             acc.setdefault(k, []).append(v.cpu().numpy())
-    return {k: np.concatenate(v) for k, v in acc.items()}
+    result = {k: np.concatenate(v) for k, v in acc.items()}
+    if "cell_argmax" in result:
+        result["cell_grid"] = grid
+    return result
 
 
 # Severity bins of the example set, with the prompts' thresholds (megamed.text.prompts):
