@@ -159,12 +159,12 @@ def test_contrastive_scores_on_a_stub_model():
 
 # ---- the judge's provenance -----------------------------------------------------------------
 
-def save_judge(path, size=32, **extra):
+def save_judge(path, size=32, pool="avg", **extra):
     torch.manual_seed(0)
     meta = {"train": {"data": "", "size": size, "shuffle_labels": False},
             "data_provenance": {"train_rows": 10, "val_rows": 2, "generated_rows": 0, "shuffled_labels": False}}
     meta.update(extra)
-    return save_classifier(DenseNetClassifier(ClassifierConfig.tiny()), path, meta)
+    return save_classifier(DenseNetClassifier(ClassifierConfig.tiny(pool=pool)), path, meta)
 
 
 def tiny_generator_and_judge(root):

@@ -13,7 +13,7 @@ import pytest
 from megamed.cli import main
 from megamed.eval.report import find_results, md_to_html
 
-from test_eval_alignment import tiny_generator_and_judge
+from test_eval_alignment import save_judge, tiny_generator_and_judge
 from test_eval_classifier import make_dataset as make_example_like
 
 
@@ -45,7 +45,8 @@ def results(tmp_path_factory):
     common = ["--size", "32"]
     assert main(["eval", "alignment", "--model", str(run), "--judge", str(judge), "--out", str(res / "alignment"),
                  "--per-finding", "1", "--steps", "2", "--device", "cpu", "--no-progress", *common]) == 0
-    assert main(["eval", "classifier", "predict", "--checkpoint", str(judge), "--data", str(ref), "--split", "val",
+    lse_judge = save_judge(root / "judge_lse", pool="lse")           # predict draws localization.png for it
+    assert main(["eval", "classifier", "predict", "--checkpoint", str(lse_judge), "--data", str(ref), "--split", "val",
                  "--out", str(res / "judge"), *common]) == 0
     gen = res / "alignment" / "generated"
     assert main(["eval", "fidelity", "--reference", str(ref), "--generated", str(gen), "--out", str(res / "fidelity"),
@@ -72,7 +73,8 @@ def test_report_assembles_every_part_inline(results, tmp_path):
     for title in ("Prompt alignment", "Fidelity and diversity", "Memorisation", "The judge on reference data",
                   "Augmentation experiment"):
         assert f"<h2>{title}</h2>" in html
-    assert "FID" in html and "AUROC per severity bin" in html and "| 10% |" not in html and "+0.01" in html
+    assert "FID" in html and "AUROC per severity bin" in html and "Pointing game" in html
+    assert 'alt="localization.png"' in html and "| 10% |" not in html and "+0.01" in html
     # grids per prompt: 10 generated grids, reference grids where the reference set has the finding
     assert html.count('alt="generated ') == 10
     assert 'alt="reference Cardiomegaly"' in html and 'alt="reference No Finding"' in html

@@ -277,7 +277,8 @@ def _classifier(d: Path, root: Path, images: _Images) -> str:
                 f"at {esc(t.get('size'))} px ({esc(prov.get('train_rows', '?'))} train rows, "
                 f"{esc(prov.get('generated_rows', '?'))} generated), best val mean AUROC "
                 f"{_fmt((meta.get('result') or {}).get('best_val_auroc'))}.</p>")
-    return _markdown_part(d, root, "classifier", images) + note
+    figs = [d / "localization.png"] if (d / "localization.png").is_file() else []   # an lse judge's pointing
+    return _markdown_part(d, root, "classifier", images, figs) + note
 
 
 def write_report(path: str | Path, out: str | Path, reference: str | Path | None = None, inline: bool = True,
