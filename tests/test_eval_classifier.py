@@ -458,5 +458,7 @@ def test_pointing_game_by_hand():
     argmax = np.zeros((3, 14), dtype=np.int64)
     argmax[1, k] = 2                          # bottom-left: a miss
     got = pointing_game(argmax, (2, 2), boxes)
-    assert got["Lung Lesion"] == {"n": 2, "hit_rate": 0.5, "chance": 0.25}
-    assert got["Cardiomegaly"] == {"n": 0, "hit_rate": None, "chance": None}
+    assert got["Lung Lesion"] == {"n": 2, "hit_rate": 0.5, "chance": 0.25, "fixed": 0.5}
+    assert got["Cardiomegaly"] == {"n": 0, "hit_rate": None, "chance": None, "fixed": None}
+    boxes[1, k] = [0.0, 0.0, 1.0, 0.5]        # the top row: cells 0 and 1 -> cell 0 is in both boxes
+    assert pointing_game(argmax, (2, 2), boxes)["Lung Lesion"]["fixed"] == 1.0

@@ -5,8 +5,11 @@ last feature map ([B, 14, h, w], 8 x 8 at 256 px). The example set knows each fi
 the image (metadata.csv regions). Two reads of the same thing:
 
   pointing game   per finding, over the images that have it: the share whose highest cell for
-                  that label overlaps the finding's box (Zhang et al. 2016). "chance" is the
-                  mean share of cells the box overlaps: what a random cell would score.
+                  that label overlaps the finding's box (Zhang et al. 2016). Two baselines:
+                  "chance", the mean share of cells the box overlaps (a random cell), and
+                  "fixed", the best single cell for every image (a pointer that only knows
+                  where the finding usually is: the heart is always in the same place, so
+                  a shuffled-label judge scores ~1 on cardiomegaly; a nodule is anywhere).
   figure          localization.png: per finding, a few images with the box drawn and the
                   label's cell probabilities laid over them (red = high).
 
@@ -27,7 +30,7 @@ from megamed.eval.classifier import FINDING_NAMES, cell_targets
 def pointing_game(cell_argmax: np.ndarray, grid: tuple[int, int], boxes: np.ndarray,
                   names=FINDING_NAMES) -> dict:
     """cell_argmax [N, 14] (flat index of each label's highest cell), grid (h, w), boxes [N, 14, 4]
-    (NaN = finding absent or box unknown) -> {finding: {"n", "hit_rate", "chance"}} (None when n = 0)."""
+    (NaN = finding absent or box unknown) -> {finding: {"n", "hit_rate", "chance", "fixed"}} (None when n = 0)."""
     h, w = grid
     out = {}
     for name in names:
@@ -35,20 +38,21 @@ def pointing_game(cell_argmax: np.ndarray, grid: tuple[int, int], boxes: np.ndar
         known = ~np.isnan(boxes[:, k]).any(-1)
         n = int(known.sum())
         if n == 0:
-            out[name] = {"n": 0, "hit_rate": None, "chance": None}
+            out[name] = {"n": 0, "hit_rate": None, "chance": None, "fixed": None}
             continue
         t = cell_targets(torch.from_numpy(boxes[known, k]).double(), h, w).flatten(1)   # [n, h*w]
         hit = t[torch.arange(n), torch.from_numpy(cell_argmax[known, k]).long()]
-        out[name] = {"n": n, "hit_rate": float(hit.mean()), "chance": float(t.mean())}
+        out[name] = {"n": n, "hit_rate": float(hit.mean()), "chance": float(t.mean()), "fixed": float(t.mean(0).max())}
     return out
 
 
 def localization_markdown(scores: dict) -> list[str]:
     lines = ["Pointing game (the label's highest cell overlaps the finding's box; chance = share of cells "
-             "the box covers):", "", "| finding | n | hit rate | chance |", "|---|---|---|---|"]
+             "the box covers; fixed = the best single cell for all images, i.e. knowing only where the finding "
+             "usually lies):", "", "| finding | n | hit rate | chance | fixed |", "|---|---|---|---|---|"]
     for name, s in scores.items():
         if s["n"]:
-            lines.append(f"| {name} | {s['n']} | {s['hit_rate']:.3f} | {s['chance']:.3f} |")
+            lines.append(f"| {name} | {s['n']} | {s['hit_rate']:.3f} | {s['chance']:.3f} | {s['fixed']:.3f} |")
     return lines
 
 
