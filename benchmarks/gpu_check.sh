@@ -6,8 +6,9 @@
 # A device session has 15 minutes in all and at most 10 per command, so the whole script keeps to
 # DEADLINE_S (default 540 s): each step's limit is cut to what is left, and a step that no longer
 # has 20 s is skipped (recorded in summary.md). PARTS picks what runs after the build (kernels: GPU
-# tests + bench_na2d + bench_patch; model: bench_model_step; zero: bench_zero, needs deepspeed), so
-# a second call can finish what the first one left (e.g. PARTS=zero).
+# tests + bench_na2d + bench_patch; model: bench_model_step; zero: bench_zero, needs deepspeed;
+# judge: benchmarks/judge_check.sh, opt-in), so a second call can finish what the first one left
+# (e.g. PARTS=zero).
 #
 # Needs a CUDA build of torch, triton, and the build tools (scikit-build-core, pybind11, cmake,
 # ninja) in $PY's environment: nothing is downloaded. Every step writes under $OUT as it goes
@@ -82,5 +83,12 @@ elif "$PY" -c "import deepspeed" >/dev/null 2>&1; then
   step bench_zero 600 "$PY" benchmarks/bench_zero.py --out "$OUT" --timeout-s 180
 else
   note "- bench_zero: skipped (deepspeed not importable by $PY)"
+fi
+# 5. issue 6's judge check at 512 px (opt-in: PARTS=judge). The device has no PyPI, so carry the CT in a
+#    megamed cache made here with `bash benchmarks/judge_check.sh --pack-cache DIR` (28 MB) and set
+#    MEGAMED_CACHE=DIR; results under $OUT/judge (judge_check.md has the verdict).
+if want judge; then
+  OUT="$OUT/judge" PY="$PY" DEADLINE_S=$((DEADLINE_S - SECONDS)) bash benchmarks/judge_check.sh
+  note "- judge: rc=$? (see judge/judge_check.md)"
 fi
 note "done in $SECONDS s"

@@ -191,3 +191,26 @@ def test_ap_magnifies_the_anterior_heart_more_than_pa(ct):
     mag = lambda g: g.sdd / abs(z - g.z_source)
     assert width(ap) / width(pa) == pytest.approx(mag(ap) / mag(pa), rel=0.06)
     assert mag(ap) / mag(pa) > 1.08                     # ~10% larger heart on AP
+
+
+def test_packed_cache_loads_the_ct_offline(ct, tmp_path, monkeypatch):
+    """pack_cache copies what a cached load_ct reads; a machine given only that folder (no wheel,
+    no NIfTI, no registry) loads the same volume."""
+    import megamed.data.fetch as fetch_mod
+    from megamed import flags
+    from megamed.data.ct import pack_cache
+
+    nbytes = pack_cache(tmp_path / "pack", factor=4)
+    files = sorted(p.relative_to(tmp_path / "pack").as_posix() for p in (tmp_path / "pack").rglob("*") if p.is_file())
+    assert len(files) == 4 and files[-1].endswith("structures.csv") and not any(f.endswith(".nii.gz") for f in files)
+    assert nbytes == sum((tmp_path / "pack" / f).stat().st_size for f in files)
+
+    def offline(*a, **k):
+        raise fetch_mod.FetchError("offline")
+    monkeypatch.setattr(fetch_mod, "fetch", offline)
+    monkeypatch.setenv(flags.CACHE_ENV, str(tmp_path / "pack"))
+    again = load_ct(4)
+    assert np.array_equal(again.mu, ct.mu) and np.array_equal(again.labels, ct.labels)
+    assert again.spacing == ct.spacing and again.structures == ct.structures
+    with pytest.raises(fetch_mod.FetchError, match="offline"):
+        load_ct(2)                       # not packed: it would need the wheel

