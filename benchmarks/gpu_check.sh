@@ -28,22 +28,7 @@ DEADLINE_S=${DEADLINE_S:-540}
 PARTS=${PARTS:-kernels model zero}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
-note() { echo "$*" | tee -a "$SUMMARY"; }
-step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NAME.txt, record the status
-  local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE_S - SECONDS))
-  if [ "$left" -lt 20 ]; then
-    note "- $name: SKIPPED (deadline: ${left} s of ${DEADLINE_S} s left)"
-    return 125
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-  local rc=$?
-  note "- $name: rc=$rc ($((SECONDS - t0)) s, limit ${limit} s)$([ $rc -eq 124 ] && echo ' TIMED OUT')"
-  tail -n 5 "$OUT/$name.txt"
-  return $rc
-}
+source benchmarks/steps.sh            # note, step
 
 note "# gpu_check $(date -u +%FT%TZ)"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -38,22 +38,8 @@ DEADLINE_S=${DEADLINE_S:-540}
 mkdir -p "$OUT"
 SUMMARY="$OUT/judge_check.md"
 
-note() { echo "$*" | tee -a "$SUMMARY"; }
-step() {  # step NAME TIMEOUT_S CMD...: as in gpu_check.sh (limit cut to the deadline, status recorded)
-  local name=$1 limit=$2; shift 2
-  local left=$((DEADLINE_S - SECONDS))
-  if [ "$left" -lt 20 ]; then
-    note "- $name: SKIPPED (deadline: ${left} s of ${DEADLINE_S} s left)"
-    return 125
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/judge_$name.txt" 2>&1
-  local rc=$?
-  note "- $name: rc=$rc ($((SECONDS - t0)) s, limit ${limit} s)$([ $rc -eq 124 ] && echo ' TIMED OUT')"
-  tail -n 3 "$OUT/judge_$name.txt"
-  return $rc
-}
+STEP_PREFIX=judge_
+source benchmarks/steps.sh            # note, step (outputs in $OUT/judge_NAME.txt)
 
 note "# judge_check $(date -u +%FT%TZ): size $SIZE, $COUNT images, $EPOCHS epochs, device $DEVICE"
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')" | tee -a "$SUMMARY"
