@@ -121,7 +121,7 @@ def cmd_classifier_predict(args: argparse.Namespace) -> int:
         result["localization"] = pointing_game(p["cell_argmax"], p["cell_grid"], p["boxes"], findings)
         lines += [""] + localization_markdown(result["localization"])
         if args.figure:
-            fig = localization_figure(model, ds, p["boxes"][np.argsort(p["index"])], out / "localization.png",
+            fig = localization_figure(model, ds, p["boxes"], out / "localization.png",   # p is in ds order
                                       names=findings, device=args.device)
             lines += ["", f"Figure: `{fig.name}` (box in green, the label's cell probabilities in red)."]
     _write(args.out, "classifier", result, "\n".join(lines) + "\n")

@@ -14,7 +14,8 @@ the image (metadata.csv regions). Two reads of the same thing:
                   label's cell probabilities laid over them (red = high).
 
 A judge that scores a nodule right while pointing elsewhere has learned a correlate, not the
-finding: last session's judge called lesions from "dense lung" (docs/eval/judge.md).
+finding: an LSE judge trained without boxes called lesions from "dense lung" elsewhere, and
+pointed at the nodule less often than the fixed pointer (docs/eval/judge.md).
 """
 from __future__ import annotations
 
