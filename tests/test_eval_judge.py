@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megamed.data.layout import OBSERVATIONS
 from megamed.eval.classifier import (FINDING_NAMES, SEVERITY_BINS, SIDES, ClassifierConfig, TrainConfig,
@@ -90,31 +91,65 @@ def test_shuffle_labels_moves_whole_label_sets():
     assert [r["labels"] for r in again.rows] == [r["labels"] for r in ds.rows]   # seeded
 
 
-def test_cached_images_read_each_item_once():
-    import torch
+class _Counting:
+    """A loaders-like data set that counts its reads and can be told to refuse any more."""
+    rows = [{"labels": [0.0]}] * 5
+    reads = 0
 
+    def __init__(self):
+        self.closed = False
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        assert not self.closed, "read after the cache was filled"
+        _Counting.reads += 1
+        return {"image": torch.full((1, 4, 3), 0.1 * i + 0.001), "labels": torch.tensor([float(i)]), "index": i}
+
+
+def test_cached_images_read_each_item_once():
     from megamed.eval.classifier import CachedImages
 
-    class Counting:
-        rows = [{"labels": [0.0]}] * 3
-        reads = 0
-
-        def __len__(self):
-            return 3
-
-        def __getitem__(self, i):
-            Counting.reads += 1
-            return {"image": torch.full((1, 4, 4), 0.1 * i + 0.001), "labels": torch.zeros(1), "index": i}
-
-    c = CachedImages(Counting())
-    first = [c[i] for i in range(3)]
-    again = [c[i] for i in range(3)]
-    assert Counting.reads == 3 and c.rows is Counting.rows
-    for a, b, i in zip(first, again, range(3)):
+    _Counting.reads = 0
+    ds = _Counting()
+    c = CachedImages(ds, progress=False)
+    assert _Counting.reads == 5 and c.rows is ds.rows and len(c) == 5
+    ds.closed = True
+    first = [c[i] for i in range(5)]
+    again = [c[i] for i in range(5)]
+    for a, b, i in zip(first, again, range(5)):
         assert a["image"].dtype == torch.float32 and torch.equal(a["image"], b["image"])
-        torch.testing.assert_close(a["image"], torch.full((1, 4, 4), 0.1 * i + 0.001), atol=1e-3, rtol=0)
+        torch.testing.assert_close(a["image"], torch.full((1, 4, 3), 0.1 * i + 0.001), atol=1e-3, rtol=0)
+        assert a["index"] == i and a["labels"].item() == i
     again[0]["image"] += 1                                   # callers may modify what they get
     assert torch.equal(c[0]["image"], first[0]["image"])
+
+
+def test_cached_images_fill_on_workers_and_serve_workers_without_reading():
+    """Filled by DataLoader workers, in order; later epochs' workers read the one shared copy."""
+    from megamed.eval.classifier import CachedImages, _collate
+
+    ref = CachedImages(_Counting(), progress=False)
+    ds = _Counting()
+    c = CachedImages(ds, workers=2, progress=False)
+    assert c.images.is_shared() and torch.equal(c.images, ref.images)
+    ds.closed = True                                         # a worker that decoded again would fail
+    for _ in range(2):                                       # two epochs, fresh workers each
+        loader = torch.utils.data.DataLoader(c, batch_size=2, num_workers=2, collate_fn=_collate)
+        got = torch.cat([b["image"] for b in loader])
+        torch.testing.assert_close(got, ref.images.float())
+
+
+def test_cached_images_refuse_mixed_sizes():
+    from megamed.eval.classifier import CachedImages
+
+    class Mixed(_Counting):
+        def __getitem__(self, i):
+            return {"image": torch.zeros(1, 4, 4 + (i == 3)), "index": i}
+
+    with pytest.raises(ValueError, match="item 3 has an image of shape"):
+        CachedImages(Mixed(), progress=False)
 
 
 def test_generated_rows_counts_megamed_generate_params():
