@@ -127,13 +127,13 @@ def test_cached_images_read_each_item_once():
 
 
 def test_cached_images_fill_on_workers_and_serve_workers_without_reading():
-    """Filled by DataLoader workers, in order; later epochs' workers read the one shared copy."""
+    """Filled by DataLoader workers, in order; later epochs' workers read the main process's copy."""
     from megamed.eval.classifier import CachedImages, _collate
 
     ref = CachedImages(_Counting(), progress=False)
     ds = _Counting()
     c = CachedImages(ds, workers=2, progress=False)
-    assert c.images.is_shared() and torch.equal(c.images, ref.images)
+    assert torch.equal(c.images, ref.images)
     ds.closed = True                                         # a worker that decoded again would fail
     for _ in range(2):                                       # two epochs, fresh workers each
         loader = torch.utils.data.DataLoader(c, batch_size=2, num_workers=2, collate_fn=_collate)

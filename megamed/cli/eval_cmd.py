@@ -256,7 +256,7 @@ def register(subparsers) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bars (logs and batch jobs)")
     t.add_argument("--cache-images", action="store_true",
                    help="decode train + val once, before epoch 1 (on --workers processes), and keep them in "
-                        "shared memory as float16: later epochs and all workers skip decoding; needs 2 bytes a "
+                        "memory as float16: later epochs and all workers skip decoding; needs 2 bytes a "
                         "pixel of RAM (4000 images: 0.5 GB at 256 px, 2 GB at 512 px)")
     t.add_argument("--shuffle-labels", action="store_true",
                    help="control run: permute label sets among the train (and val) images; expect AUROC ~0.5")

@@ -409,11 +409,12 @@ class WithFindings(torch.utils.data.Dataset):
 
 class CachedImages(torch.utils.data.Dataset):
     """Every item of a loaders data set, read once up front: the images as one float16 tensor
-    [N, C, H, W] in shared memory (2 bytes a pixel: 128 MB per 1000 images at 256 px, 512 MB at
-    512 px), the other fields in a list. Epochs then skip PNG decoding and resizing, which on a
-    small CPU cost as much as the network; DataLoader workers, started anew each epoch, read that
-    one copy (shared memory also crosses a spawn) instead of each decoding and caching its own.
-    The first read runs on `workers` DataLoader processes, in order."""
+    [N, C, H, W] (2 bytes a pixel: 128 MB per 1000 images at 256 px, 512 MB at 512 px), the
+    other fields in a list. Epochs then skip PNG decoding and resizing, which on a small CPU cost
+    as much as the network. DataLoader workers, started anew each epoch, read this one copy:
+    forked workers share its pages (reads do not copy them); under spawn, torch moves it to
+    shared memory when the data set is sent. The first read runs on `workers` DataLoader
+    processes, in order. (Not put in shared memory here: a container's /dev/shm is often 64 MB.)"""
 
     def __init__(self, ds, workers: int = 0, progress: bool = True, desc: str = "cache images"):
         self.ds, self.rows = ds, ds.rows
@@ -425,7 +426,7 @@ class CachedImages(torch.utils.data.Dataset):
                                       disable=not progress)):
             img = item["image"]
             if self.images is None:
-                self.images = torch.empty((len(ds), *img.shape), dtype=torch.float16).share_memory_()
+                self.images = torch.empty((len(ds), *img.shape), dtype=torch.float16)
             elif img.shape != self.images.shape[1:]:
                 raise ValueError(f"CachedImages: item {i} has an image of shape {tuple(img.shape)}, item 0 "
                                  f"{tuple(self.images.shape[1:])}; caching needs one size (set the data set's size)")
@@ -471,7 +472,7 @@ class TrainConfig:
     workers: int = 0
     device: str = "cpu"
     shuffle_labels: bool = False              # control: labels permuted among train (and val) rows
-    cache_images: bool = False                # decode train + val once, keep them in shared memory (float16)
+    cache_images: bool = False                # decode train + val once, keep them in memory (float16)
     schedule: str = "constant"                # lr per step: constant | cosine (lr -> lr/100 over all epochs)
     augment: bool = False                     # random shift/scale/rotation + contrast per training image
     localize: float = 0.0                     # weight of the per-cell loss on known finding boxes (pool lse)
