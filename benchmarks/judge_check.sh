@@ -4,7 +4,8 @@
 # --device differ) and its shuffled-label control, score both on the test split, print the verdict.
 #
 #   OUT=DIR [PY=python3] [DEVICE=cuda] [SIZE=512] [COUNT=4000] [BODIES=200] [EPOCHS=40] \
-#     [WORKERS=$(nproc)] [DATA=/tmp/megamed_judge_$SIZE] [DEADLINE_S=540] bash benchmarks/judge_check.sh
+#     [WORKERS=$(nproc)] [LOADER_WORKERS=8] [DATA=/tmp/megamed_judge_$SIZE] [DEADLINE_S=540] \
+#     bash benchmarks/judge_check.sh
 #
 # At 256 px on CPU the judge misses only lung lesion (mild nodules are ~14 px; docs/eval/judge.md):
 # at 512 px a mild nodule spans ~28 px. The rendered images stay in DATA (4000 x 512^2 16-bit PNGs
@@ -33,6 +34,15 @@ COUNT=${COUNT:-4000}
 BODIES=${BODIES:-200}
 EPOCHS=${EPOCHS:-40}
 WORKERS=${WORKERS:-$(nproc)}
+# DataLoader workers of the classifier: they decode the images into the cache once (512 px: ~15 ms
+# an image on one core, a minute for 4000 in one process) and pass batches through /dev/shm, which a
+# container may cap at 64 MB: with under 4 GB free there, the main process does it all
+shm_free_mb=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
+if [ "${shm_free_mb:-0}" -ge 4096 ]; then
+  LOADER_WORKERS=${LOADER_WORKERS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}
+else
+  LOADER_WORKERS=${LOADER_WORKERS:-0}
+fi
 DATA=${DATA:-/tmp/megamed_judge_$SIZE}
 DEADLINE_S=${DEADLINE_S:-540}
 mkdir -p "$OUT"
@@ -41,7 +51,7 @@ SUMMARY="$OUT/judge_check.md"
 STEP_PREFIX=judge_
 source benchmarks/steps.sh            # note, step (outputs in $OUT/judge_NAME.txt)
 
-note "# judge_check $(date -u +%FT%TZ): size $SIZE, $COUNT images, $EPOCHS epochs, device $DEVICE"
+note "# judge_check $(date -u +%FT%TZ): size $SIZE, $COUNT images, $EPOCHS epochs, device $DEVICE, $LOADER_WORKERS loader workers (/dev/shm free: ${shm_free_mb:-?} MB)"
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')" | tee -a "$SUMMARY"
 if ! "$PY" -c "from megamed.data.ct import load_ct; load_ct(2)" > "$OUT/judge_ct.txt" 2>&1; then
   note "STOP: the CT is not in the megamed cache (MEGAMED_CACHE=${MEGAMED_CACHE:-unset}) and cannot be fetched here: $(tail -n 1 "$OUT/judge_ct.txt")"
@@ -49,8 +59,8 @@ if ! "$PY" -c "from megamed.data.ct import load_ct; load_ct(2)" > "$OUT/judge_ct
 fi
 
 # the recipe of docs/eval/judge.md; only --size and --device differ
-RECIPE=(--size "$SIZE" --epochs "$EPOCHS" --growth 8 --blocks 2,4,6,4 --init-features 16 --pool lse --localize 1
-        --schedule cosine --balanced --batch-size 32 --lr 2e-3 --cache-images --device "$DEVICE" --no-progress)
+RECIPE=(--size "$SIZE" --epochs "$EPOCHS" --growth 8 --blocks 2,4,6,4 --init-features 32 --pool lse --localize 3
+        --schedule cosine --balanced --batch-size 32 --lr 2e-3 --cache-images --device "$DEVICE" --workers "$LOADER_WORKERS" --no-progress)
 step render 300 "$PY" -m megamed data example --out "$DATA" --count "$COUNT" --size "$SIZE" --bodies "$BODIES" \
   --seed 0 --workers "$WORKERS" || { note "STOP: rendering failed or ran out of time"; exit 3; }
 for run in judge control; do

@@ -215,8 +215,9 @@ def test_judge_check_counts_visible_pairs_and_the_control():
 
 # ---- the real check (slow: renders an example set and trains the judge twice) -----------------
 
-# docs/eval/judge.md: render ~20 min, judge ~51 min, control ~15 min on a 2-core machine
-JUDGE_RECIPE = dict(count=4000, size=256, bodies=200, train_size=256, epochs=40, pool="lse", localize=1.0)
+# docs/eval/judge.md: render ~20 min, judge ~58 min, control ~26 min on a 2-core machine
+JUDGE_RECIPE = dict(count=4000, size=256, bodies=200, train_size=256, epochs=40, pool="lse", localize=3.0,
+                    init_features=32)
 
 
 @pytest.mark.slow
@@ -236,7 +237,8 @@ def test_judge_check_on_the_example_set(tmp_path):
     for name, extra in runs:
         assert main(["eval", "classifier", "train", "--data", str(data), "--out", str(tmp_path / name),
                      "--size", str(rc["train_size"]), "--epochs", str(rc["epochs"]), "--pool", rc["pool"],
-                     "--schedule", "cosine", "--growth", "8", "--blocks", "2,4,6,4", "--init-features", "16",
+                     "--schedule", "cosine", "--growth", "8", "--blocks", "2,4,6,4",
+                     "--init-features", str(rc["init_features"]),
                      "--balanced", "--batch-size", "32", "--lr", "2e-3", "--cache-images",
                      "--localize", str(rc["localize"]), *extra]) == 0
         assert main(["eval", "classifier", "predict", "--checkpoint", str(tmp_path / name), "--data", str(data),
