@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6's judge check at a resolution the 2-core CPU machine cannot afford (default 512 px on a
-# GPU): render the example set, train the judge (docs/eval/judge.md's recipe, only --size and
-# --device differ) and its shuffled-label control, score both on the test split, print the verdict.
+# GPU): render the example set, train the judge (docs/eval/judge.md's recipe; only --size,
+# --device and --workers differ) and its shuffled-label control, score both on the test split,
+# print the verdict.
 #
 #   OUT=DIR [PY=python3] [DEVICE=cuda] [SIZE=512] [COUNT=4000] [BODIES=200] [EPOCHS=40] \
 #     [WORKERS=$(nproc)] [LOADER_WORKERS=8] [DATA=/tmp/megamed_judge_$SIZE] [DEADLINE_S=540] \
@@ -58,7 +59,7 @@ if ! "$PY" -c "from megamed.data.ct import load_ct; load_ct(2)" > "$OUT/judge_ct
   exit 2
 fi
 
-# the recipe of docs/eval/judge.md; only --size and --device differ
+# the recipe of docs/eval/judge.md; only --size, --device and --workers differ
 RECIPE=(--size "$SIZE" --epochs "$EPOCHS" --growth 8 --blocks 2,4,6,4 --init-features 32 --pool lse --localize 3
         --schedule cosine --balanced --batch-size 32 --lr 2e-3 --cache-images --device "$DEVICE" --workers "$LOADER_WORKERS" --no-progress)
 step render 300 "$PY" -m megamed data example --out "$DATA" --count "$COUNT" --size "$SIZE" --bodies "$BODIES" \

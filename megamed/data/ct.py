@@ -255,4 +255,3 @@ def pack_cache(dest: str | Path, factor: int = 2) -> int:
         (dest / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest / f.relative_to(src))
     return sum(f.stat().st_size for f in files)
-

@@ -417,7 +417,7 @@ class CachedImages(torch.utils.data.Dataset):
     processes, in order. (Not put in shared memory here: a container's /dev/shm is often 64 MB.)"""
 
     def __init__(self, ds, workers: int = 0, progress: bool = True, desc: str = "cache images"):
-        self.ds, self.rows = ds, ds.rows
+        self.rows = ds.rows                                  # what WithFindings and the sampler read
         self.images: torch.Tensor | None = None
         self._meta: list[dict] = []
         # batch_size=None: items one by one, not collated
