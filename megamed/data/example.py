@@ -270,18 +270,26 @@ def _run(args: list, cfg: ExampleConfig):
 
 def _claim(out: Path, cfg: ExampleConfig) -> None:
     """Record the settings that decide the images in out/example.json, and refuse to resume into a
-    folder made with other settings: its finished PNGs would be kept under the new plan's labels."""
+    folder made with other settings: its finished PNGs would be kept under the new plan's labels.
+
+    A larger --count is allowed (the set grows): item i's plan depends only on (seed, i) and its
+    body i % n_bodies, so with the same n_bodies every finished image stays what it was. With the
+    default --bodies, n_bodies follows count and the change is refused by that setting."""
     settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}
     settings["n_bodies"] = cfg.n_bodies
     path = out / "example.json"
     if path.exists():
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
+        if diff == ["count"] and isinstance(old.get("count"), int) and cfg.count > old["count"]:
+            log.info("growing %s from %d to %d images", out, old["count"], cfg.count)
+        elif diff:
+            hint = ("; --count may only grow" if diff == ["count"] else "")
             raise ValueError(f"{out} holds an example set made with other settings "
-                             f"({', '.join(f'{k}: {old.get(k)} -> {settings.get(k)}' for k in diff)}); "
+                             f"({', '.join(f'{k}: {old.get(k)} -> {settings.get(k)}' for k in diff)}){hint}; "
                              f"use another --out, or the same settings to resume")
-        return
+        else:
+            return
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
