@@ -51,7 +51,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("example", help="render DIR/metadata.csv + DIR/images/*.png (resumable)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--count", type=int, default=200, help="number of images (default 200); a larger count grows an existing --out, keeping its images")
+    p.add_argument("--count", type=int, default=200,
+                   help="number of images (default 200); a larger count grows an existing --out")
     p.add_argument("--size", type=int, default=512, help="image side in pixels, >= 32 (default 512)")
     p.add_argument("--seed", type=int, default=0, help="data set seed: same seed, same bytes")
     p.add_argument("--workers", type=int, default=1, help="render processes (1 torch thread each)")
