@@ -111,6 +111,11 @@ def test_generate_round_trip_determinism_and_resume(tmp_path, monkeypatch):
     generate(d, ExampleConfig(count=3, seed=5, **SMALL), progress=False)
     with pytest.raises(ValueError, match="n_bodies: 10 -> 11"):
         generate(d, ExampleConfig(count=55, seed=5, **SMALL), progress=False)
+    # a folder rendered by another version of the findings is refused, never mixed
+    claim = json.loads((d / "example.json").read_text())
+    (d / "example.json").write_text(json.dumps({k: v for k, v in claim.items() if k != "findings_version"}))
+    with pytest.raises(ValueError, match=f"findings_version: None -> {claim['findings_version']}"):
+        generate(d, ExampleConfig(count=3, seed=5, **SMALL), progress=False)
 
 
 def test_regions_locate_each_finding_and_resume_without_rendering(tmp_path, monkeypatch):

@@ -119,6 +119,36 @@ def test_lesion_brightens_its_own_spot(ct, base):
     assert far.max() < 1e-3                       # nothing changes on the other side
 
 
+def test_lesion_placed_last_in_aerated_lung_clear_of_shadows(ct):
+    """The lesion is simulated after the image's other findings and placed where a frontal film
+    shows it: not inside what they filled, its disk projected clear of the shadow organs (heart,
+    upper abdomen, clavicle) and of the filled columns. Checked against brute-force distances."""
+    from megamed.data.findings import SHADOW_ORGANS, simulation_order
+
+    assert simulation_order(["Atelectasis", "Lung Lesion", "Pleural Effusion"]) == \
+        ["Atelectasis", "Pleural Effusion", "Lung Lesion"]
+    assert simulation_order(["Cardiomegaly", "Fracture"]) == ["Cardiomegaly", "Fracture"]
+    organs = ct.mask(*SHADOW_ORGANS).any(axis=0)                    # (si, lr) columns
+    mm = np.stack(np.meshgrid(*[np.arange(n) * sp for n, sp in zip(ct.shape[1:], ct.spacing[1:])],
+                              indexing="ij"), -1)                   # (si, lr, 2) column positions
+    for seed in range(5):
+        work = ct.mu.copy()
+        rng = np.random.default_rng(seed)
+        for name in ("Cardiomegaly", "Consolidation"):
+            simulate(name, ct, work, rng, 1.0, "right", "PA")
+        filled = (work - ct.mu > 0.05) & (work >= 0.5)
+        severity = 0.2 + 0.15 * seed
+        (lesion,) = simulate("Lung Lesion", ct, work, rng, severity, "right", "PA")
+        core = np.zeros(ct.shape, bool)
+        core[lesion.box] = lesion.delta > 0.3
+        assert core.sum() > 10 and (core & filled).sum() <= 0.02 * core.sum()
+        r = (10.0 + 30.0 * severity) / 2
+        centre = np.argwhere(core).mean(0)[1:] * ct.spacing[1:]      # (si, lr) mm
+        for shadow in (organs, filled.any(axis=0)):
+            nearest = np.sqrt(((mm[shadow] - centre) ** 2).sum(-1)).min()
+            assert nearest > r - 2 * max(ct.spacing[1:]), (seed, nearest, r)
+
+
 @pytest.mark.parametrize("name", ["Lung Opacity", "Consolidation", "Atelectasis"])
 def test_airspace_findings_raise_lung_density(ct, base, name):
     lung = region(ct, ("lung_upper_lobe_left", "lung_lower_lobe_left"))

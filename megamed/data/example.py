@@ -193,7 +193,7 @@ def render_item(item: dict, size: int, render_px: int, seed: int, image: bool = 
     import torch
 
     from megamed.data.drr import Exposure, Geometry, expose, project, project_box, to_uint16
-    from megamed.data.findings import simulate
+    from megamed.data.findings import simulate, simulation_order
 
     body = _body(item["body_seed"])
     geom, exp = Geometry(**item["geometry"]), Exposure(**item["exposure"])
@@ -202,13 +202,18 @@ def render_item(item: dict, size: int, render_px: int, seed: int, image: bool = 
     regions = {}
     if item["findings"]:
         work = body.mu.copy()
-        for k, (name, f) in enumerate(item["findings"].items()):
-            rng = np.random.default_rng([seed, item["index"], 100 + k])
+        # a finding's random stream is keyed by its place in the (sorted) findings, not by when
+        # it is simulated: moving the lesion last left every other finding's draws as they were
+        key = {name: k for k, name in enumerate(item["findings"])}
+        for name in simulation_order(item["findings"]):
+            f = item["findings"][name]
+            rng = np.random.default_rng([seed, item["index"], 100 + key[name]])
             dL = sum(project_box(e.delta, e.start, body.shape, body.spacing, geom, px)
                      for e in simulate(name, body, work, rng, f["severity"], f["side"], geom.view))
             regions[name] = finding_region(dL)
             if image:
                 L += dL
+        regions = {name: regions[name] for name in item["findings"]}   # metadata keeps the sorted order
     if not image:
         return None, regions
     gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, item["index"], 3]).integers(2**62)))
@@ -275,8 +280,11 @@ def _claim(out: Path, cfg: ExampleConfig) -> None:
     A larger --count is allowed (the set grows): item i's plan depends only on (seed, i) and its
     body i % n_bodies, so with the same n_bodies every finished image stays what it was. With the
     default --bodies, n_bodies follows count and the change is refused by that setting."""
+    from megamed.data.findings import FINDINGS_VERSION
+
     settings = {k: v for k, v in asdict(cfg).items() if k != "workers"}
     settings["n_bodies"] = cfg.n_bodies
+    settings["findings_version"] = FINDINGS_VERSION
     path = out / "example.json"
     if path.exists():
         old = json.loads(path.read_text())

@@ -23,7 +23,9 @@ Findings are keyed by their CheXpert observation name (metadata.csv's findings c
                       (-> + Lung Opacity)
     Pneumothorax      lung shrunk towards its hilum: air between chest wall and a thin
                       visceral pleural line, apical and lateral
-    Lung Lesion       round nodule/mass 10-40 mm, soft-tissue density, lobulated (-> + Lung Opacity)
+    Lung Lesion       round nodule/mass 10-40 mm, soft-tissue density, lobulated, in aerated
+                      lung whose frontal projection is clear of the heart, the upper abdomen
+                      and denser lung (-> + Lung Opacity)
     Atelectasis       plate-like band of collapsed lung in a lower lobe (or the right
                       upper lobe) (-> + Lung Opacity)
     Support Devices   some of: endotracheal tube, central venous line, ECG leads, pacemaker
@@ -45,6 +47,10 @@ from scipy import ndimage
 from megamed.data.ct import CTVolume
 from megamed.data.layout import OBSERVATIONS
 
+# Bump when a change to a finding changes the images of an unchanged plan: example.json records
+# it, so a folder rendered by another version is never resumed or grown into a mixed set.
+# 2: lung lesions are simulated last and placed where a frontal film shows them.
+FINDINGS_VERSION = 2
 SIDES = ("left", "right", "bilateral", "none")
 WATER, SOFT = 1.0, 1.04   # mu / mu_water of pleural fluid and of collapsed/consolidated lung
 METAL = 4.0               # HU 3000 at CT energies
@@ -274,15 +280,55 @@ def pneumothorax(body, work, rng, severity, side, view) -> Edit:
     return _commit(work, box, new)
 
 
+# Organs whose shadow hides a nodule on a frontal film: the film sums the whole ray, so a nodule
+# in front of or behind the heart, in the lung that dips behind the diaphragm's dome over the
+# liver, spleen or stomach, or in the apex behind the clavicle, adds little to a bright column.
+SHADOW_ORGANS = ("heart", "atrial_appendage", "aorta", "pulmonary_vein", "superior_vena_cava",
+                 "inferior_vena_cava", "esophagus", "liver", "spleen", "stomach", "clavicula")
+CHANGED = 0.05  # |mu change| (units of water) that marks a voxel an earlier finding edited
+FILLED = 0.5    # edited to at least this: filled (fluid, consolidation, collapse, heart)
+EMPTIED = 0.02  # edited to below this: free air (a pneumothorax's pleural space)
+
+
+def _filled_emptied(body: CTVolume, work: np.ndarray, box: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels of box an earlier finding filled, and those it emptied (work = body.mu + edits)."""
+    w = work[box]
+    changed = np.abs(w - body.mu[box]) > CHANGED
+    return changed & (w >= FILLED), changed & (w < EMPTIED)
+
+
+def _shadow_free(shadow: np.ndarray, spacing: tuple, r: float) -> np.ndarray:
+    """(h, w) columns at least r mm (in the image plane) from every shadow column."""
+    return ndimage.distance_transform_edt(~shadow, sampling=spacing[1:]) > r
+
+
 def lung_lesion(body, work, rng, severity, side, view) -> Edit:
+    """Simulated after every other finding of its image (simulation_order), so it can avoid
+    them: a nodule inside a consolidation, under an effusion or in a collapsed lung changes the
+    image by almost nothing, and its label would name a finding no reader could see."""
     side = _pick_side(rng, side)
     lung = np.isin(body.labels, _lung_ids(body, side))
     diam = 10.0 + 30.0 * severity
     r = diam / 2
-    # centre deep enough in the lung that the lesion is surrounded by air (visible)
     lb = _bbox(lung)
-    dist = _wall_distance(lung[lb], body.spacing)
-    c = _random_voxel(rng, _visible_lung(body, dist > max(r, 8.0), lb), lb)
+    # Candidate centres, each constraint dropped (the last first) only if nothing is left, so a
+    # lesion is always placed:
+    #   1. deep enough in aerated lung (not filled or emptied by an earlier finding) that the
+    #      lesion is surrounded by lung
+    #   2. lateral of the mediastinum and above the dome (_visible_lung)
+    #   3. its whole disk projected clear of the shadow organs
+    #   4. ... and clear of what earlier findings filled
+    filled, emptied = _filled_emptied(body, work, lb)
+    deep = _wall_distance(lung[lb] & ~filled & ~emptied, body.spacing) > max(r, 8.0)
+    if not deep.any():
+        deep = _wall_distance(lung[lb], body.spacing) > max(r, 8.0)
+    cand = _visible_lung(body, deep, lb)
+    organs = np.isin(body.labels[:, lb[1], lb[2]], body.ids(*SHADOW_ORGANS)).any(axis=0)   # whole rays
+    for shadow in (organs, organs | filled.any(axis=0)):
+        narrower = cand & _shadow_free(shadow, body.spacing, r)[None]
+        if narrower.any():
+            cand = narrower
+    c = _random_voxel(rng, cand, lb)
     r_vox = np.ceil(1.5 * r / np.array(body.spacing)).astype(int) + 1
     box = tuple(slice(max(0, ci - rv), min(n, ci + rv + 1)) for ci, rv, n in zip(c, r_vox, body.shape))
     z, y, x = _coords(body, box)
@@ -503,6 +549,17 @@ SIDE_CHOICES = {
     "Pleural Effusion": ("left", "right", "bilateral"),
     "Support Devices": ("none",),
 }
+
+
+# findings simulated last, in this order, after the others: they place themselves where the
+# earlier ones left the lung visible
+SIMULATE_LAST = ("Lung Lesion",)
+
+
+def simulation_order(names) -> list[str]:
+    """The order an image's findings are applied in: as given, SIMULATE_LAST moved to the end."""
+    names = list(names)
+    return [n for n in names if n not in SIMULATE_LAST] + [n for n in SIMULATE_LAST if n in names]
 
 
 def simulate(name: str, body: CTVolume, work: np.ndarray, rng: np.random.Generator, severity: float,
