@@ -289,15 +289,14 @@ def _claim(out: Path, cfg: ExampleConfig) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff == ["count"] and isinstance(old.get("count"), int) and cfg.count > old["count"]:
-            log.info("growing %s from %d to %d images", out, old["count"], cfg.count)
-        elif diff:
+        if not diff:
+            return
+        if diff != ["count"] or not isinstance(old.get("count"), int) or cfg.count < old["count"]:
             hint = ("; --count may only grow" if diff == ["count"] else "")
             raise ValueError(f"{out} holds an example set made with other settings "
                              f"({', '.join(f'{k}: {old.get(k)} -> {settings.get(k)}' for k in diff)}){hint}; "
                              f"use another --out, or the same settings to resume")
-        else:
-            return
+        log.info("growing %s from %d to %d images", out, old["count"], cfg.count)
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
