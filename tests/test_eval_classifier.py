@@ -347,6 +347,73 @@ def test_training_resumes_after_a_crash_to_the_same_weights(tmp_path, monkeypatc
     assert train_classifier(cfg, tmp_path / "crash") == resumed
 
 
+def test_fine_tune_from_local_weights(tmp_path, monkeypatch):
+    """--init starts training from a classifier folder or a torchvision-named .pth (18 classes,
+    3 channels: its classifier starts random, conv0 is summed over RGB). A misfit architecture and
+    a pickled model are refused before any image is cached. The provenance keeps the file's hash
+    and the generated images the starting classifier had seen."""
+    import megamed.eval.classifier as C
+    from megamed.utils.hashing import file_sha256
+
+    data = make_dataset(tmp_path / "data", n_train=16, n_val=8)
+    base = TrainConfig(data=str(data), size=32, epochs=1, patience=1, batch_size=8, lr=3e-3, model=ClassifierConfig.tiny())
+    train_classifier(base, tmp_path / "a")
+    a = load_classifier(tmp_path / "a").state_dict()
+    # lr 1e-12: one epoch moves no weight by more than ~1e-11, so what is trained is where it started
+    still = TrainConfig(**{**base.__dict__, "lr": 1e-12})
+    weights = lambda sd: {k: v for k, v in sd.items() if v.ndim > 1}          # noqa: E731  (convs, linears)
+    train_classifier(TrainConfig(**{**still.__dict__, "init": str(tmp_path / "a")}), tmp_path / "b")
+    b = load_classifier(tmp_path / "b").state_dict()
+    for k, v in weights(a).items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-9)
+    train_classifier(still, tmp_path / "scratch")                            # the same run without --init
+    assert not torch.allclose(load_classifier(tmp_path / "scratch").state_dict()["features.conv0.weight"],
+                              a["features.conv0.weight"])
+    prov = json.loads((tmp_path / "b" / C.CONFIG_NAME).read_text())["data_provenance"]
+    assert prov["init"]["sha256"] == file_sha256(tmp_path / "a" / C.WEIGHTS_NAME) and prov["init"]["fresh"] == []
+    assert prov["generated_rows"] == 0
+
+    # torchxrayvision's shape: 3 channels, 18 classes, no severity/side heads, saved as a state dict
+    torch.manual_seed(1)
+    rgb = DenseNetClassifier(ClassifierConfig(growth=8, blocks=(2, 2, 2, 2), init_features=16, in_channels=3,
+                                              num_classes=18, findings=()))
+    torch.save(rgb.state_dict(), tmp_path / "xrv.pth")
+    from megamed.cli import main
+    assert main(["eval", "classifier", "train", "--data", str(data), "--out", str(tmp_path / "c"), "--size", "32",
+                 "--epochs", "1", "--lr", "1e-12", "--growth", "8", "--blocks", "2,2,2,2", "--init-features", "16",
+                 "--input-scale", "2", "--init", str(tmp_path / "xrv.pth"), "--no-progress"]) == 0
+    assert load_classifier(tmp_path / "c").cfg.input_scale == 2
+    c = load_classifier(tmp_path / "c").state_dict()
+    torch.testing.assert_close(c["features.conv0.weight"], rgb.state_dict()["features.conv0.weight"].sum(1, keepdim=True),
+                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(c["features.denseblock2.denselayer1.conv2.weight"],
+                               rgb.state_dict()["features.denseblock2.denselayer1.conv2.weight"], rtol=0, atol=1e-9)
+    fresh = json.loads((tmp_path / "c" / C.CONFIG_NAME).read_text())["data_provenance"]["init"]["fresh"]
+    assert "classifier.weight" in fresh and "severity_head.weight" in fresh
+    assert not [k for k in fresh if k.startswith("features.")]
+
+    # refused before the images are cached: another architecture, a pickled model, no file
+    monkeypatch.setattr(C, "CachedImages", lambda *a, **k: (_ for _ in ()).throw(AssertionError("images cached")))
+    wide = TrainConfig(**{**still.__dict__, "cache_images": True, "init": str(tmp_path / "xrv.pth"),
+                          "model": ClassifierConfig(growth=4, blocks=(2, 2, 2, 2), init_features=16)})
+    with pytest.raises(ValueError, match="different architecture.*--growth"):
+        train_classifier(wide, tmp_path / "d")
+    torch.save(rgb, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match=r"not a plain state dict.*state_dict\(\)"):
+        train_classifier(TrainConfig(**{**wide.__dict__, "init": str(tmp_path / "pickled.pt")}), tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="no such weights file"):
+        train_classifier(TrainConfig(**{**wide.__dict__, "init": str(tmp_path / "nothing.pt")}), tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+    # fine-tuned from a classifier that had seen generated images: so has this one
+    meta = json.loads((tmp_path / "a" / C.CONFIG_NAME).read_text())
+    meta["data_provenance"]["generated_rows"] = 5
+    (tmp_path / "a" / C.CONFIG_NAME).write_text(json.dumps(meta))
+    monkeypatch.undo()
+    train_classifier(TrainConfig(**{**still.__dict__, "init": str(tmp_path / "a")}), tmp_path / "e")
+    assert json.loads((tmp_path / "e" / C.CONFIG_NAME).read_text())["data_provenance"]["generated_rows"] == 5
+
+
 def test_augment_batch_moves_a_dot_as_drawn_and_is_reproducible():
     from megamed.eval.classifier import augment_batch
     x = torch.full((3, 1, 41, 53), -1.0)

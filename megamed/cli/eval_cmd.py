@@ -42,13 +42,14 @@ def _blocks(text: str) -> tuple:
 def cmd_classifier_train(args: argparse.Namespace) -> int:
     from megamed.eval.classifier import ClassifierConfig, TrainConfig, train_classifier
 
-    model = ClassifierConfig(growth=args.growth, blocks=args.blocks, init_features=args.init_features, pool=args.pool)
+    model = ClassifierConfig(growth=args.growth, blocks=args.blocks, init_features=args.init_features, pool=args.pool,
+                             input_scale=args.input_scale)
     cfg = TrainConfig(data=args.data, size=args.size, uncertain=args.uncertain, balanced=args.balanced,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                       schedule=args.schedule, augment=args.augment, localize=args.localize, seed=args.seed,
                       workers=args.workers,
                       device=args.device, model=model,
-                      shuffle_labels=args.shuffle_labels, cache_images=args.cache_images)
+                      shuffle_labels=args.shuffle_labels, cache_images=args.cache_images, init=args.init or "")
     result = train_classifier(cfg, args.out, progress=not args.no_progress)
     print(f"best epoch {result['best_epoch']}: val mean AUROC {result['best_val_auroc']}; saved to {args.out}")
     return 0
@@ -250,6 +251,12 @@ def register(subparsers) -> None:
                    help="with --pool lse on the example set: add W x a per-cell loss that marks the cells of "
                         "each finding's box (metadata.csv regions) positive and the rest negative, so the judge "
                         "learns where a finding is, not only that the image has it (default 0: off)")
+    t.add_argument("--init", metavar="WEIGHTS",
+                   help="fine-tune from local weights: a classifier folder, or a torchvision-named DenseNet state "
+                        "dict (.safetensors/.pt/.pth, e.g. torchxrayvision's saved with model.state_dict()); "
+                        "the architecture flags must match it; heads of another size start random")
+    t.add_argument("--input-scale", type=float, default=1.0,
+                   help="images (in [-1, 1]) are multiplied by this first: 1024 for torchxrayvision's weights")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     t.add_argument("--device", default="cpu")

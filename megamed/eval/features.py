@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from megamed.utils.hashing import file_sha256
+
 RANDOM_CONV = "random-conv"
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,6 @@ def state_dict_sha256(module_or_sd) -> str:
         t = sd[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -116,15 +110,10 @@ def classifier_extractor(path: str | Path) -> Extractor:
 
 def densenet_file_extractor(path: str | Path) -> Extractor:
     """A torchvision-named DenseNet-121 state dict file (.safetensors, or a torch.save'd dict)."""
-    from megamed.eval.classifier import ClassifierConfig, DenseNetClassifier, load_densenet_weights
+    from megamed.eval.classifier import ClassifierConfig, DenseNetClassifier, load_densenet_weights, read_state_dict
 
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = read_state_dict(path)
     n_cls = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 14
     model = DenseNetClassifier(ClassifierConfig(num_classes=n_cls, findings=())).eval()
     skipped = load_densenet_weights(model, sd)
