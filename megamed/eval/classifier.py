@@ -732,8 +732,11 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
         init_sd, provenance["init"] = _read_init(cfg.init)
         # a judge fine-tuned from one that saw generated images has seen them too
         provenance["generated_rows"] += provenance["init"].get("generated_rows", 0)
-        with torch.random.fork_rng(devices=[]):            # refuse a misfit now, not after caching the images,
-            _start_from(DenseNetClassifier(cfg.model), init_sd, cfg.init)   # and leave the seeded draws alone
+        with torch.random.fork_rng(devices=[]):    # refuse a misfit now, not after caching the images, and
+            fresh = _start_from(DenseNetClassifier(cfg.model), init_sd, cfg.init)    # leave the seeded draws alone
+        provenance["init"]["fresh"] = fresh
+        log.info("init from %s%s", cfg.init,
+                 f"; random init kept for {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))}" if fresh else "")
     if cfg.shuffle_labels:
         # val too: early stopping on true val labels would pick, among noise, what fits them
         shuffle_labels(train_ds, cfg.seed)
@@ -756,9 +759,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
                                          pin_memory=on_gpu, drop_last=len(train_ds) > cfg.batch_size, **order)
     model = DenseNetClassifier(cfg.model)
     if init_sd is not None and state is None:             # (a resumed run has its own weights)
-        fresh = provenance["init"]["fresh"] = _start_from(model, init_sd, cfg.init)
-        log.info("init from %s%s", cfg.init,
-                 f"; random init kept for {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))}" if fresh else "")
+        _start_from(model, init_sd, cfg.init)
     model = model.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history, best, best_epoch, best_state, bad_epochs, start = [], -math.inf, 0, None, 0, 1
