@@ -69,7 +69,7 @@ for run in judge control; do
   [ "$run" = control ] && extra=(--patience 6 --shuffle-labels)
   step "train_$run" 400 "$PY" -m megamed eval classifier train --data "$DATA" --out "$OUT/$run" "${RECIPE[@]}" "${extra[@]}" \
     && step "predict_$run" 60 "$PY" -m megamed eval classifier predict --checkpoint "$OUT/$run" --data "$DATA" \
-         --split test --size "$SIZE" --device "$DEVICE" --out "$OUT/${run}_test"
+         --split test --size "$SIZE" --device "$DEVICE" --no-progress --out "$OUT/${run}_test"
 done
 # the verdict (megamed.eval.classifier.judge_check: every visible (finding, bin) >= 0.9, control ~0.5)
 "$PY" - "$OUT" <<'EOF' | tee -a "$SUMMARY"

@@ -209,7 +209,7 @@ def test_train_save_predict_end_to_end(tmp_path):
     # predict through the command: best weights reproduce the best val AUROC; severity/side columns
     from megamed.cli import main
     assert main(["eval", "classifier", "predict", "--checkpoint", str(tmp_path / "clf"), "--data", str(data),
-                 "--split", "val", "--size", "32", "--out", str(tmp_path / "pred")]) == 0
+                 "--split", "val", "--size", "32", "--out", str(tmp_path / "pred"), "--no-progress"]) == 0
     r = json.loads((tmp_path / "pred" / "classifier.json").read_text())
     assert r["n"] == 12
     assert r["mean_auroc"] == pytest.approx(result["best_val_auroc"], abs=1e-6)

@@ -72,7 +72,8 @@ def cmd_classifier_predict(args: argparse.Namespace) -> int:
         uncertain = saved.get("train", {}).get("uncertain", "ignore")
     ds = open_split(args.data, args.split, args.size, uncertain)
     findings = model.cfg.findings
-    p = predict(model, WithFindings(ds, findings) if findings else ds, args.batch_size, args.device)
+    p = predict(model, WithFindings(ds, findings) if findings else ds, args.batch_size, args.device,
+                progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.csv", "w", newline="") as f:
@@ -280,6 +281,7 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold for F1")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs and batch jobs)")
     p.add_argument("--no-figure", dest="figure", action="store_false",
                    help="skip localization.png (drawn for an lse judge on example-set rows with finding boxes)")
     p.set_defaults(func=cmd_classifier_predict)
