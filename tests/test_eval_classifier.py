@@ -403,6 +403,9 @@ def test_fine_tune_from_local_weights(tmp_path, monkeypatch):
         train_classifier(TrainConfig(**{**wide.__dict__, "init": str(tmp_path / "pickled.pt")}), tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="no such weights file"):
         train_classifier(TrainConfig(**{**wide.__dict__, "init": str(tmp_path / "nothing.pt")}), tmp_path / "d")
+    scaled = TrainConfig(**{**wide.__dict__, "init": str(tmp_path / "a"), "model": ClassifierConfig.tiny(input_scale=4.0)})
+    with pytest.raises(ValueError, match="input_scale 1.0, this run has 4.0"):
+        train_classifier(scaled, tmp_path / "d")
     assert not (tmp_path / "d").exists()
 
     # fine-tuned from a classifier that had seen generated images: so has this one

@@ -732,6 +732,9 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
         init_sd, provenance["init"] = _read_init(cfg.init)
         # a judge fine-tuned from one that saw generated images has seen them too
         provenance["generated_rows"] += provenance["init"].get("generated_rows", 0)
+        if provenance["init"].get("input_scale", cfg.model.input_scale) != cfg.model.input_scale:
+            raise ValueError(f"init {cfg.init}: trained with input_scale {provenance['init']['input_scale']}, this "
+                             f"run has {cfg.model.input_scale}: its features would see other pixel values")
         with torch.random.fork_rng(devices=[]):    # refuse a misfit now, not after caching the images, and
             fresh = _start_from(DenseNetClassifier(cfg.model), init_sd, cfg.init)    # leave the seeded draws alone
         provenance["init"]["fresh"] = fresh
@@ -829,8 +832,9 @@ def _read_init(path: str) -> tuple[dict, dict]:
     p = Path(path)
     info = {"path": str(p), "sha256": file_sha256(p / WEIGHTS_NAME if p.is_dir() else p)}
     if p.is_dir() and (p / CONFIG_NAME).is_file():
-        prov = json.loads((p / CONFIG_NAME).read_text()).get("data_provenance") or {}
-        info["generated_rows"] = int(prov.get("generated_rows", 0))
+        meta = json.loads((p / CONFIG_NAME).read_text())
+        info["generated_rows"] = int((meta.get("data_provenance") or {}).get("generated_rows", 0))
+        info["input_scale"] = float(meta.get("model", {}).get("input_scale", 1.0))
     return sd, info
 
 
