@@ -213,6 +213,33 @@ def test_judge_check_counts_visible_pairs_and_the_control():
     assert not r["ok"] and r["control_mean"] == pytest.approx(0.8)   # a control that learned something fails
 
 
+# ---- benchmarks/judge_check.sh, the GPU session's script, end to end on CPU at toy size ----------
+
+def test_judge_check_script_runs_end_to_end_on_cpu(tmp_path):
+    """GPU time is scarce: the script a lent GPU runs must not fail on a typo. At 64 px, 20 images
+    of 10 bodies (one unseen test body) and one epoch, every step must finish and the verdict be
+    printed; its value means nothing at this size."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PY": sys.executable, "DEVICE": "cpu", "SIZE": "64",
+           "COUNT": "20", "BODIES": "10", "EPOCHS": "1", "WORKERS": "1", "LOADER_WORKERS": "0",
+           "DATA": str(tmp_path / "data"), "DEADLINE_S": "400", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", str(root / "benchmarks" / "judge_check.sh")], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    summary = (tmp_path / "out" / "judge_check.md").read_text()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name in ("render", "train_judge", "predict_judge", "train_control", "predict_control"):
+        assert f"- {name}: rc=0 " in summary, summary
+    assert "verdict: " in summary and "no verdict" not in summary
+    for name in ("judge", "control"):
+        got = json.loads((tmp_path / "out" / f"{name}_test" / "classifier.json").read_text())
+        assert set(got["severity_bin_auroc"]) == set(FINDING_NAMES)
+    control = json.loads((tmp_path / "out" / "control" / "classifier.json").read_text())
+    assert control["train"]["shuffle_labels"] and control["train"]["size"] == 64
+
+
 # ---- the real check (slow: renders an example set and trains the judge twice) -----------------
 
 # docs/eval/judge.md: render ~20 min, judge ~58 min, control ~26 min on a 2-core machine
