@@ -191,3 +191,21 @@ def test_cli_rejects_bad_size_and_count(tmp_path, capsys):
     assert main(["data", "example", "--out", str(tmp_path), "--count", "0"]) == 2
     assert "count must be an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "metadata.csv").exists()
+
+
+def test_render_item_leave_out_keeps_everything_else():
+    """leave_out=all findings gives the image of the body without findings (same noise draw),
+    bit for bit; leaving out nothing is the plain render; an unknown name is refused."""
+    cfg = ExampleConfig(count=12, seed=4, bodies=2, size=64, ct_factor=4, render_px=64)
+    example._init_worker(cfg.ct_factor)
+    it = next(it for it in plan(cfg) if len(it["findings"]) >= 2)
+    args = (cfg.size, cfg.render_px, cfg.seed)
+    full = example.render_item(it, *args)[0]
+    assert np.array_equal(example.render_item(it, *args, leave_out=())[0], full)
+    bare = example.render_item(it, *args, leave_out=tuple(it["findings"]))[0]
+    assert np.array_equal(bare, example.render_item(dict(it, findings={}), *args)[0])
+    one = next(iter(it["findings"]))
+    part = example.render_item(it, *args, leave_out=(one,))[0]
+    assert not np.array_equal(part, full) and not np.array_equal(part, bare)
+    with pytest.raises(ValueError, match="not among"):
+        example.render_item(it, *args, leave_out=("Edema",))

@@ -186,34 +186,51 @@ def finding_region(dL) -> list[float]:
             round((int(xs.max()) + 1) / w, 4), round((int(ys.max()) + 1) / h, 4)]
 
 
-def render_item(item: dict, size: int, render_px: int, seed: int, image: bool = True):
-    """(size, size) uint16 radiograph of a planned image (in a process set up by _init_worker) and
-    its regions {finding: [x0, y0, x1, y1]}. image=False computes only the regions (no projection
-    of the body, no exposure): how a set rendered before regions existed gets them."""
-    import torch
-
-    from megamed.data.drr import Exposure, Geometry, expose, project, project_box, to_uint16
+def finding_changes(item: dict, px: int, seed: int):
+    """Yield (finding, dL) for a planned image (in a process set up by _init_worker), in
+    simulation order: dL [px, px] is the change the finding makes to the line integrals, each
+    finding simulated on the body as the earlier ones left it."""
+    from megamed.data.drr import Geometry, project_box
     from megamed.data.findings import simulate, simulation_order
 
+    if not item["findings"]:
+        return
+    body, geom = _body(item["body_seed"]), Geometry(**item["geometry"])
+    work = body.mu.copy()
+    # a finding's random stream is keyed by its place in the (sorted) findings, not by when it is
+    # simulated: moving the lesion last left every other finding's draws as they were
+    key = {name: k for k, name in enumerate(item["findings"])}
+    for name in simulation_order(item["findings"]):
+        f = item["findings"][name]
+        rng = np.random.default_rng([seed, item["index"], 100 + key[name]])
+        yield name, sum(project_box(e.delta, e.start, body.shape, body.spacing, geom, px)
+                        for e in simulate(name, body, work, rng, f["severity"], f["side"], geom.view))
+
+
+def render_item(item: dict, size: int, render_px: int, seed: int, image: bool = True, leave_out: tuple = ()):
+    """(size, size) uint16 radiograph of a planned image (in a process set up by _init_worker) and
+    its regions {finding: [x0, y0, x1, y1]}. image=False computes only the regions (no projection
+    of the body, no exposure): how a set rendered before regions existed gets them. Findings named
+    in leave_out are simulated (what follows sees what they did) but their change is not added
+    to the image, noise draw unchanged: the same image without them, all else equal (how
+    docs/eval/judge.md asks whether other findings hide a nodule)."""
+    import torch
+
+    from megamed.data.drr import Exposure, Geometry, expose, project, to_uint16
+
+    unknown = sorted(set(leave_out) - set(item["findings"]))
+    if unknown:
+        raise ValueError(f"leave_out: {unknown} not among this item's findings {sorted(item['findings'])}")
     body = _body(item["body_seed"])
     geom, exp = Geometry(**item["geometry"]), Exposure(**item["exposure"])
     px = min(size, render_px)
     L = project(body.mu, body.spacing, geom, px) if image else None
     regions = {}
-    if item["findings"]:
-        work = body.mu.copy()
-        # a finding's random stream is keyed by its place in the (sorted) findings, not by when
-        # it is simulated: moving the lesion last left every other finding's draws as they were
-        key = {name: k for k, name in enumerate(item["findings"])}
-        for name in simulation_order(item["findings"]):
-            f = item["findings"][name]
-            rng = np.random.default_rng([seed, item["index"], 100 + key[name]])
-            dL = sum(project_box(e.delta, e.start, body.shape, body.spacing, geom, px)
-                     for e in simulate(name, body, work, rng, f["severity"], f["side"], geom.view))
-            regions[name] = finding_region(dL)
-            if image:
-                L += dL
-        regions = {name: regions[name] for name in item["findings"]}   # metadata keeps the sorted order
+    for name, dL in finding_changes(item, px, seed):
+        regions[name] = finding_region(dL)
+        if image and name not in leave_out:
+            L += dL
+    regions = {name: regions[name] for name in item["findings"]}       # metadata keeps the sorted order
     if not image:
         return None, regions
     gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, item["index"], 3]).integers(2**62)))
