@@ -396,7 +396,7 @@ def test_fine_tune_from_local_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "CachedImages", lambda *a, **k: (_ for _ in ()).throw(AssertionError("images cached")))
     wide = TrainConfig(**{**still.__dict__, "cache_images": True, "init": str(tmp_path / "xrv.pth"),
                           "model": ClassifierConfig(growth=4, blocks=(2, 2, 2, 2), init_features=16)})
-    with pytest.raises(ValueError, match="different architecture.*--growth"):
+    with pytest.raises(ValueError, match="different DenseNet.*growth"):
         train_classifier(wide, tmp_path / "d")
     torch.save(rgb, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match=r"not a plain state dict.*state_dict\(\)"):

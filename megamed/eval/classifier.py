@@ -254,6 +254,18 @@ def load_densenet_weights(model: DenseNetClassifier, state_dict: dict) -> list[s
     return skipped
 
 
+def load_backbone(model: DenseNetClassifier, state_dict: dict, source: str | Path) -> list[str]:
+    """load_densenet_weights, but every feature tensor must fit: a misfit means weights of another
+    DenseNet (growth, blocks, init_features), not heads of another size. Returns the heads that
+    keep their own values (another label count, no severity/side heads)."""
+    kept = load_densenet_weights(model, state_dict)
+    wrong = [k for k in kept if k.startswith("features.")]
+    if wrong:
+        raise ValueError(f"{source}: {len(wrong)} feature tensor(s) missing or of another shape, e.g. {wrong[0]!r}: "
+                         f"the weights of a different DenseNet (growth, blocks and init_features must match)")
+    return kept
+
+
 def read_state_dict(path: str | Path) -> dict:
     """The tensors of a weights file: a `megamed eval classifier train` folder, a .safetensors file
     or a torch.save'd state dict (.pt/.pth; a {"state_dict": ...} wrapper is unwrapped). Only
@@ -736,7 +748,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
             raise ValueError(f"init {cfg.init}: trained with input_scale {provenance['init']['input_scale']}, this "
                              f"run has {cfg.model.input_scale}: its features would see other pixel values")
         with torch.random.fork_rng(devices=[]):    # refuse a misfit now, not after caching the images, and
-            fresh = _start_from(DenseNetClassifier(cfg.model), init_sd, cfg.init)    # leave the seeded draws alone
+            fresh = load_backbone(DenseNetClassifier(cfg.model), init_sd, f"init {cfg.init}")    # leave the seeded draws alone
         provenance["init"]["fresh"] = fresh
         log.info("init from %s%s", cfg.init,
                  f"; random init kept for {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))}" if fresh else "")
@@ -762,7 +774,7 @@ def train_classifier(cfg: TrainConfig, out_dir: str | Path, train_ds=None, val_d
                                          pin_memory=on_gpu, drop_last=len(train_ds) > cfg.batch_size, **order)
     model = DenseNetClassifier(cfg.model)
     if init_sd is not None and state is None:             # (a resumed run has its own weights)
-        _start_from(model, init_sd, cfg.init)
+        load_backbone(model, init_sd, cfg.init)
     model = model.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history, best, best_epoch, best_state, bad_epochs, start = [], -math.inf, 0, None, 0, 1
@@ -838,18 +850,6 @@ def _read_init(path: str) -> tuple[dict, dict]:
     return sd, info
 
 
-def _start_from(model: DenseNetClassifier, sd: dict, path: str) -> list[str]:
-    """Load `sd` into `model` for fine-tuning. Every feature tensor must fit (else the
-    architecture differs: say which flag); heads that do not fit (another label count, no
-    severity/side heads) keep their random init and are returned."""
-    fresh = load_densenet_weights(model, sd)
-    wrong = [k for k in fresh if k.startswith("features.")]
-    if wrong:
-        raise ValueError(f"init {path}: {len(wrong)} feature tensor(s) missing or of another shape, e.g. {wrong[0]!r}: "
-                         f"a different architecture (match --growth, --blocks, --init-features to the weights)")
-    return fresh
-
-
 def _save_state(out_dir: Path, state: dict) -> None:
     """OUT/train_state.pt, written atomically after every epoch (a crash loses at most one epoch)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -894,7 +894,7 @@ def _jsonable(d):
 
 
 __all__ = ["ClassifierConfig", "DenseNetClassifier", "TrainConfig", "train_classifier", "predict",
-           "load_classifier", "save_classifier", "finding_scores", "load_densenet_weights", "read_state_dict", "masked_bce", "classifier_loss",
+           "load_classifier", "save_classifier", "finding_scores", "load_densenet_weights", "load_backbone", "read_state_dict", "masked_bce", "classifier_loss",
            "finding_targets", "balanced_weights", "WithFindings", "FINDING_NAMES", "SIDES", "SEVERITY_BINS",
            "severity_bin", "severity_bin_auroc", "judge_check", "NOT_VISIBLE", "shuffle_labels", "generated_rows", "CachedImages", "augment_batch",
            "lr_at"]

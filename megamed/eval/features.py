@@ -110,17 +110,13 @@ def classifier_extractor(path: str | Path) -> Extractor:
 
 def densenet_file_extractor(path: str | Path) -> Extractor:
     """A torchvision-named DenseNet-121 state dict file (.safetensors, or a torch.save'd dict)."""
-    from megamed.eval.classifier import ClassifierConfig, DenseNetClassifier, load_densenet_weights, read_state_dict
+    from megamed.eval.classifier import ClassifierConfig, DenseNetClassifier, load_backbone, read_state_dict
 
     path = Path(path)
     sd = read_state_dict(path)
     n_cls = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 14
     model = DenseNetClassifier(ClassifierConfig(num_classes=n_cls, findings=())).eval()
-    skipped = load_densenet_weights(model, sd)
-    missing = [k for k in skipped if k.startswith("features.")]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} feature tensor(s) missing or mis-shaped, e.g. {missing[0]!r}; "
-                         f"not a DenseNet-121 state dict")
+    load_backbone(model, sd, path)
     return Extractor(f"densenet121:{path.name}", file_sha256(path), _no_grad(model.embed),
                      note="features assume images in [-1, 1]; set input_scale for weights trained on other ranges")
 
