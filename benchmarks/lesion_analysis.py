@@ -56,12 +56,21 @@ def rank(score: float, neg: np.ndarray) -> float:
 
 
 def bootstrap_auroc(pos: np.ndarray, neg: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    from sklearn.metrics import roc_auc_score
+    """95% interval of the AUROC, positives and negatives resampled apart (the project's bootstrap:
+    megamed.eval.augment.bootstrap_weights and weighted_auroc)."""
+    from megamed.eval.augment import bootstrap_weights, weighted_auroc
 
-    rng = np.random.default_rng(seed)
-    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    got = [roc_auc_score(y, np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(draws)]
+    w = np.concatenate([bootstrap_weights(len(pos), draws, seed), bootstrap_weights(len(neg), draws, seed + 1)], 1)
+    got = weighted_auroc(np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))], w)
     return float(np.quantile(got, 0.025)), float(np.quantile(got, 0.975))
+
+
+def bootstrap_mean_diff(a: np.ndarray, b: np.ndarray, draws: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b), each group resampled apart."""
+    from megamed.eval.augment import bootstrap_indices
+
+    d = a[bootstrap_indices(len(a), draws, seed)].mean(1) - b[bootstrap_indices(len(b), draws, seed + 1)].mean(1)
+    return float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))
 
 
 # -----------------------------------------------------------------------------------------
@@ -102,10 +111,8 @@ def cmd_groups(args) -> None:
     for label, m in (("alone", others == 0), ("one other finding", others == 1), ("two or more", others >= 2)):
         print(f"  {label:18s} n={m.sum():3d}  AUROC {auc[m].mean():.3f}")
     alone, shared = auc[others == 0], auc[others > 0]
-    rng = np.random.default_rng(0)
-    diff = [rng.choice(alone, len(alone)).mean() - rng.choice(shared, len(shared)).mean() for _ in range(4000)]
-    print(f"  alone - shared: {alone.mean() - shared.mean():.3f}, bootstrap 95% CI "
-          f"[{np.quantile(diff, 0.025):.3f}, {np.quantile(diff, 0.975):.3f}]")
+    lo, hi = bootstrap_mean_diff(alone, shared)
+    print(f"  alone - shared: {alone.mean() - shared.mean():.3f}, bootstrap 95% CI [{lo:.3f}, {hi:.3f}]")
 
 
 def planned_items(data: str | Path) -> tuple:
@@ -136,8 +143,8 @@ def cmd_counterfactual(args) -> None:
         others = tuple(n for n in it["findings"] if n != LESION)
         for tag, leave_out in (("as_rendered", ()), ("lesion_only", others)):
             img, _ = E.render_item(it, cfg.size, cfg.render_px, cfg.seed, leave_out=leave_out)
-            stored = read_image(Path(args.data) / r["Path"])                 # exactly uint16 / 65535
-            if tag == "as_rendered" and not np.array_equal(img.astype(np.float32) / 65535.0, stored):
+            if tag == "as_rendered" and not np.array_equal(img.astype(np.float32) / 65535.0,   # read_image: /65535
+                                                           read_image(Path(args.data) / r["Path"])):
                 raise SystemExit(f"{r['Path']}: the renderer no longer reproduces the stored image "
                                  f"(another findings version?); re-render the set first")
             E.write_png16(out / "images" / f"{Path(r['Path']).stem}_{tag}.png", img)
@@ -150,11 +157,17 @@ def cmd_counterfactual(args) -> None:
     p = predict(model, WithFindings(ds, model.cfg.findings) if model.cfg.findings else ds, progress=False)
     col = list(OBSERVATIONS).index(LESION)
     prob = {Path(r["Path"]).name: float(p["probs"][i, col]) for i, r in enumerate(ds.rows)}
-    neg = negatives(test_rows(args.data), read_predictions(args.pred))
+    test, judged = test_rows(args.data), read_predictions(args.pred)
+    neg = negatives(test, judged)
     auc = {tag: {k.split("_")[0]: rank(v, neg) for k, v in prob.items() if k.endswith(f"_{tag}.png")}
            for tag in ("as_rendered", "lesion_only")}
     for tag, got in auc.items():
         print(f"{len(got)} mild lesions sharing their image, {tag.replace('_', ' ')}: AUROC {np.mean(list(got.values())):.3f}")
+    alone = np.array([rank(judged[Path(r["Path"]).name], neg) for r in mild_lesion_rows(test) if len(findings_of(r)) == 1])
+    only = np.array(list(auc["lesion_only"].values()))
+    lo, hi = bootstrap_mean_diff(alone, only)
+    print(f"{len(alone)} alone in their image: AUROC {alone.mean():.3f}; alone - lesion only: "
+          f"{alone.mean() - only.mean():.3f}, bootstrap 95% CI [{lo:.3f}, {hi:.3f}]")
     companions = {Path(r["Path"]).stem: [n for n in findings_of(r) if n != LESION] for r in shared}
     for name in sorted({n for v in companions.values() for n in v}):
         ids = [i for i, v in companions.items() if name in v]
