@@ -1,4 +1,4 @@
-"""Why mild lung lesions miss: the analyses behind docs/eval/judge.md ("Seventh session").
+"""Why mild lung lesions miss: the analyses behind docs/eval/judge.md ("Seventh session", "Eighth session").
 
     python benchmarks/lesion_analysis.py bins PRED DATA [--finding "Lung Lesion"]
         AUROC per severity bin with a bootstrap 95% CI (positives and negatives resampled apart)
@@ -9,6 +9,10 @@
         changes (the nodule and the noise draw unchanged), scored by the judge at CHECKPOINT
     python benchmarks/lesion_analysis.py signal DATA
         each mild lesion's own projected signal, per mm of diameter, alone or with companions
+    python benchmarks/lesion_analysis.py observer DATA [--max-severity 0.4] [--pred PRED] [--cache JSON]
+        how visible each lesion is to a model observer told where it is and what it looks like
+        (a channelized Hotelling observer, the standard stand-in for a reader in image quality
+        work): its AUROC against the same spot of every negative, by severity
 
 PRED is the predictions.csv of `megamed eval classifier predict --split test` on DATA, an example
 set (`megamed data example`; its example.json says how to re-plan it). Every positive is ranked
@@ -24,6 +28,10 @@ from pathlib import Path
 import numpy as np
 
 LESION, MILD = "Lung Lesion", 0.4          # mild: severity < 0.4 (megamed.text.prompts thresholds)
+# Independent spots a reader must search, for the max-of-M model: two lung fields of about
+# 20000 px at 256 px, over a mild nodule's 100 px disk, give about 200; 50 allows for spots that
+# are not independent (the channels overlap) and parts of the lung a reader can rule out.
+SEARCH_SITES = (50, 200)
 
 
 # -----------------------------------------------------------------------------------------
@@ -194,6 +202,104 @@ def cmd_signal(args) -> None:
           f"{np.median(per_mm[shared]) / ref:.3f} (median)")
 
 
+def dog_channels(half: int, scale: float, n: int = 7, q: float = 1.67, alpha: float = 1.4) -> np.ndarray:
+    """[n, 2 half, 2 half] radial difference-of-Gaussian channels centred in the box (Abbey and
+    Barrett's DoG channels, in pixels: sigma_j = scale * alpha^j, each G(q sigma) - G(sigma), unit norm)."""
+    yy, xx = np.mgrid[-half:half, -half:half] + 0.5
+    r2 = yy ** 2 + xx ** 2
+    out = []
+    for j in range(n):
+        sig = scale * alpha ** j
+        g = lambda s: np.exp(-r2 / (2 * s * s)) / (2 * np.pi * s * s)
+        c = g(q * sig) - g(sig)
+        out.append(c / np.linalg.norm(c))
+    return np.stack(out)
+
+
+def search_auroc(d: np.ndarray, sites: int, draws: int = 4000, seed: int = 0) -> float:
+    """AUROC of a reader that must find the lesion: the image's score is its best of `sites`
+    independent spots, each N(0, 1) on background and N(d', 1) on the lesion (the textbook
+    max-of-M model of search). Mean over lesions with the detectability indices d."""
+    rng = np.random.default_rng(seed)
+    neg = rng.standard_normal((draws, sites)).max(1)
+    other = rng.standard_normal((draws, sites - 1)).max(1) if sites > 1 else np.full(draws, -np.inf)
+    z = rng.standard_normal(draws)
+    return float(np.mean([np.searchsorted(np.sort(neg), np.maximum(z + di, other)).mean() / draws for di in d]))
+
+
+def cmd_observer(args) -> None:
+    """Render each test lesion again without the nodule (all else, the noise draw included, the same:
+    render_item(leave_out=)); their difference is the nodule as displayed. A channelized Hotelling
+    observer (DoG channels around the nodule's centre; background covariance from the test
+    negatives at that spot) then scores the stored image and every negative at that spot. That
+    observer knows where the nodule is and what it looks like, which the judge does not: a
+    nodule it cannot tell from background is not one a judge should be expected to find."""
+    from scipy.stats import norm
+    from tqdm import tqdm
+
+    from megamed.data import example as E
+    from megamed.data.images import read_image
+
+    cfg, items = planned_items(args.data)
+    rows = test_rows(args.data)
+    neg_rows = [r for r in rows if LESION not in findings_of(r) and r[LESION] in ("0", "0.0")]
+    negs = np.stack([read_image(Path(args.data) / r["Path"]) for r in neg_rows]).astype(np.float64)
+    pos_rows = [r for r in rows if LESION in findings_of(r) and findings_of(r)[LESION]["severity"] < args.max_severity]
+    size = negs.shape[-1]
+    half, scale = round(32 * size / 256), size / 256         # a 64 px box at 256 px, the same field at other sizes
+    chans = dog_channels(half, scale).reshape(-1, (2 * half) ** 2)
+    cache = Path(args.cache) if args.cache else None
+    got = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+    for r in tqdm([r for r in pos_rows if r["Path"] not in got], desc="observer", unit="lesion"):
+        it = items[int(Path(r["Path"]).stem)]
+        shown = read_image(Path(args.data) / r["Path"]).astype(np.float64)
+        without, _ = E.render_item(it, cfg.size, cfg.render_px, cfg.seed, leave_out=(LESION,))
+        s = shown - without.astype(np.float64) / 65535.0        # the nodule as displayed [size, size]
+        a = np.abs(s)
+        ys, xs = np.nonzero(a >= 0.25 * a.max())
+        cy = int(np.clip(round(float(np.average(ys, weights=a[ys, xs]))), half, size - half))
+        cx = int(np.clip(round(float(np.average(xs, weights=a[ys, xs]))), half, size - half))
+        box = (slice(cy - half, cy + half), slice(cx - half, cx + half))
+        v_neg = negs[(slice(None),) + box].reshape(len(negs), -1) @ chans.T      # [N-, channels]
+        dv = chans @ s[box].ravel()                                              # the signal's channel response
+        k = np.cov(v_neg, rowvar=False)
+        w = np.linalg.solve(k, dv)                                               # Hotelling template
+        d = float(np.sqrt(dv @ w))                                               # its detectability index
+        got[r["Path"]] = {"severity": findings_of(r)[LESION]["severity"], "d": d,
+                          "observer": rank(float(chans @ shown[box].ravel() @ w), v_neg @ w)}
+        if cache:
+            cache.write_text(json.dumps(got))
+    paths = [r["Path"] for r in pos_rows]
+    sev, auc, d = (np.array([got[p][k] for p in paths]) for k in ("severity", "observer", "d"))
+    judge = None
+    if args.pred:
+        prob = read_predictions(args.pred)
+        neg = negatives(rows, prob)
+        judge = np.array([rank(prob[Path(p).name], neg) for p in paths])
+    print(f"{len(paths)} lesions, severity < {args.max_severity}, against {len(negs)} negatives at {size} px: "
+          f"observer AUROC {auc.mean():.3f}")
+    bands = [(lo, hi, (sev >= lo) & (sev < hi)) for lo, hi in
+             ((0.1, 0.15), (0.15, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.7), (0.7, 1.01))]
+    bands = [b for b in bands if b[2].any()]
+    for lo, hi, m in bands:
+        print(f"  severity {lo:.2f}-{min(hi, 1):.2f}: n={m.sum():3d}  observer AUROC {auc[m].mean():.3f}  "
+              f"d' median {np.median(d[m]):.2f} (AUROC if Gaussian {norm.cdf(np.median(d[m]) / np.sqrt(2)):.3f}); "
+              f"searching {', '.join(f'{k} spots {search_auroc(d[m], k):.3f}' for k in SEARCH_SITES)}"
+              + (f"; judge {judge[m].mean():.3f}" if judge is not None else ""))
+    if judge is None:
+        return
+    from scipy.stats import spearmanr
+    rho = spearmanr(d, judge)
+    print(f"judge rank against the observer's d': Spearman {rho.statistic:.2f} (p = {rho.pvalue:.1g})")
+    # the one-parameter search model fitted to the judge over all bands (spots weighed by lesions):
+    # does the judge find the faint nodules as well as it finds the clearer ones?
+    fits = {k: sum(m.sum() * (search_auroc(d[m], k) - judge[m].mean()) ** 2 for _, _, m in bands)
+            for k in (2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200)}
+    k = min(fits, key=fits.get)
+    print(f"search model fitted to the judge: {k} spots; per band model / judge: " + ", ".join(
+        f"{lo:.2f}-{min(hi, 1):.2f} {search_auroc(d[m], k):.3f} / {judge[m].mean():.3f}" for lo, hi, m in bands))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -206,8 +312,13 @@ def main(argv=None) -> None:
     c.add_argument("--pred", required=True, help="the judge's predictions.csv on DATA's test split (the negatives)")
     s = sub.add_parser("signal")
     s.add_argument("data")
+    o = sub.add_parser("observer")
+    o.add_argument("data"), o.add_argument("--max-severity", type=float, default=MILD)
+    o.add_argument("--pred", help="a judge's predictions.csv on DATA's test split: its AUROC beside the observer's")
+    o.add_argument("--cache", help="JSON of per-lesion results: written as they come, reused when rerun")
     args = ap.parse_args(argv)
-    {"bins": cmd_bins, "groups": cmd_groups, "counterfactual": cmd_counterfactual, "signal": cmd_signal}[args.cmd](args)
+    {"bins": cmd_bins, "groups": cmd_groups, "counterfactual": cmd_counterfactual, "signal": cmd_signal,
+     "observer": cmd_observer}[args.cmd](args)
 
 
 if __name__ == "__main__":
