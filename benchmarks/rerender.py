@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,8 +41,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
 
+    from megamed.data.findings import FINDINGS_VERSION
+
     data, out = Path(args.data), Path(args.out)
+    if not (data / "example.json").is_file():
+        raise SystemExit(f"{data}: no example.json; DATA must be a set made by `megamed data example`")
     old = json.loads((data / "example.json").read_text())
+    if old.get("findings_version") != FINDINGS_VERSION:
+        # another findings version places findings elsewhere: the images would be other patients
+        raise SystemExit(f"{data} was made with findings version {old.get('findings_version')}, this megamed "
+                         f"simulates version {FINDINGS_VERSION}: re-render DATA first")
     cfg = E.ExampleConfig(count=old["count"], size=args.size, seed=old["seed"], workers=args.workers,
                           bodies=old["n_bodies"], render_px=max(old["render_px"], args.size),
                           ct_factor=old["ct_factor"])
@@ -52,10 +59,13 @@ def main(argv=None) -> int:
     src = {r["Path"]: r for r in read_metadata(data)}
     chosen = []
     for split, n in args.take:
-        of_split = [it for it in items if it["split"] == split and E.make_row(it)["Path"] in src]
+        of_split = [it for it in items if it["split"] == split and E.image_path(it) in src]
         chosen += of_split[:n]
     if not chosen:
         raise SystemExit("nothing to render: no planned item of the --take splits is in DATA's metadata.csv")
+    for it in chosen:
+        if json.loads(src[E.image_path(it)]["findings"] or "{}") != it["findings"]:
+            raise SystemExit(f"{E.image_path(it)}: DATA's findings differ from the plan's; was DATA made by another megamed?")
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     settings = dict(old, size=cfg.size, render_px=cfg.render_px,
@@ -64,25 +74,18 @@ def main(argv=None) -> int:
     rows = {}
     if (out / "metadata.csv").is_file():
         rows = {r["Path"]: dict(r, regions=json.loads(r["regions"] or "{}")) for r in read_metadata(out)}
-    todo = [it for it in chosen
-            if not (E.png_complete(out / f"images/{it['index']:06d}.png", cfg.size) and f"images/{it['index']:06d}.png" in rows)]
+    todo = [it for it in chosen if not (E.png_complete(out / E.image_path(it), cfg.size) and E.image_path(it) in rows)]
     todo.sort(key=lambda it: (it["body"], it["index"]))     # a worker reuses the body
     print(f"{len(chosen)} images chosen, {len(chosen) - len(todo)} already rendered, {len(todo)} to render",
           file=sys.stderr)
 
     def save():
-        keep = [E.make_row(it)["Path"] for it in chosen]
-        write_metadata(out, [rows[p] for p in keep if p in rows], COLUMNS)
+        write_metadata(out, [rows[E.image_path(it)] for it in chosen if E.image_path(it) in rows], COLUMNS)
 
     task_args = [(it, str(out), cfg.size, cfg.render_px, cfg.seed, True) for it in todo]
-    by_index = {it["index"]: it for it in todo}
-    for n, (i, regions) in enumerate(tqdm(E._run(task_args, replace(cfg)), total=len(todo), desc="render"), 1):
-        path = f"images/{i:06d}.png"
-        row = {k: v for k, v in src[path].items()}
-        row["regions"] = regions
-        if json.loads(row["findings"] or "{}") != by_index[i]["findings"]:     # DATA was made by other code
-            raise SystemExit(f"{path}: DATA's findings differ from the plan's; was DATA made with another megamed?")
-        rows[path] = row
+    for n, (i, regions) in enumerate(tqdm(E._run(task_args, cfg), total=len(todo), desc="render"), 1):
+        path = E.image_path({"index": i})
+        rows[path] = dict(src[path], regions=regions)
         if n % E.SAVE_EVERY == 0:
             save()
     save()

@@ -59,3 +59,12 @@ def test_rerender_subset_at_another_size(tmp_path):
 def test_rerender_rejects_bad_take(tmp_path, take):
     r = rerender(tmp_path, tmp_path / "out", "--size", 64, "--take", take)
     assert r.returncode == 2 and "--take" in r.stderr
+
+
+def test_rerender_refuses_a_set_of_another_findings_version(tmp_path):
+    src = tmp_path / "src"
+    generate(src, ExampleConfig(count=2, seed=4, bodies=10, size=40, ct_factor=4, render_px=40), progress=False)
+    meta = json.loads((src / "example.json").read_text())
+    (src / "example.json").write_text(json.dumps(dict(meta, findings_version=meta["findings_version"] - 1)))
+    r = rerender(src, tmp_path / "out", "--size", 64, "--take", "train")
+    assert r.returncode == 1 and "findings version" in r.stderr and not (tmp_path / "out").exists()

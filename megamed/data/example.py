@@ -129,13 +129,18 @@ def make_prompt(labels: dict, findings: dict, view: str) -> str:
     return prompt_from_labels(labels, findings, view=view)
 
 
+def image_path(item: dict) -> str:
+    """Where a planned image lies in its set (metadata.csv's Path)."""
+    return f"images/{item['index']:06d}.png"
+
+
 def make_row(item: dict) -> dict:
     """The metadata.csv row of a planned image (no rendering needed)."""
     from megamed.data.findings import labels_for
 
     labels = labels_for(item["findings"])
     view = item["geometry"]["view"]
-    row = {"Path": f"images/{item['index']:06d}.png", "Sex": "Unknown", "Age": "Unknown",
+    row = {"Path": image_path(item), "Sex": "Unknown", "Age": "Unknown",
            "Frontal/Lateral": "Frontal", "AP/PA": view}
     row.update({o: label_str(labels[o]) for o in OBSERVATIONS})
     row["split"] = item["split"]
@@ -264,7 +269,7 @@ def _task(args) -> tuple[int, dict]:
     item, out, size, render_px, seed, image = args
     img, regions = render_item(item, size, render_px, seed, image=image)
     if image:
-        write_png16(Path(out) / "images" / f"{item['index']:06d}.png", img)
+        write_png16(Path(out) / image_path(item), img)
     return item["index"], regions
 
 
