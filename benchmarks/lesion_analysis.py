@@ -52,10 +52,14 @@ def findings_of(row: dict) -> dict:
     return json.loads(row["findings"] or "{}")
 
 
+def negative_rows(rows: list[dict], finding: str = LESION) -> list[dict]:
+    """The images labelled 0 for `finding` (as megamed.eval.classifier.severity_bin_auroc)."""
+    return [r for r in rows if finding not in findings_of(r) and r[finding] in ("0", "0.0")]
+
+
 def negatives(rows: list[dict], prob: dict, finding: str = LESION) -> np.ndarray:
-    """Scores of the images labelled 0 for `finding` (as megamed.eval.classifier.severity_bin_auroc)."""
-    return np.array([prob[Path(r["Path"]).name] for r in rows
-                     if finding not in findings_of(r) and r[finding] in ("0", "0.0")])
+    """Scores of the images labelled 0 for `finding`."""
+    return np.array([prob[Path(r["Path"]).name] for r in negative_rows(rows, finding)])
 
 
 def rank(score: float, neg: np.ndarray) -> float:
@@ -101,8 +105,8 @@ def cmd_bins(args) -> None:
         print(f"{args.finding} {name:9s} n+={len(pos):3d} n-={len(neg)}  AUROC {auc:.3f}  95% CI [{lo:.3f}, {hi:.3f}]")
 
 
-def mild_lesion_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if LESION in findings_of(r) and findings_of(r)[LESION]["severity"] < MILD]
+def mild_lesion_rows(rows: list[dict], below: float = MILD) -> list[dict]:
+    return [r for r in rows if LESION in findings_of(r) and findings_of(r)[LESION]["severity"] < below]
 
 
 def cmd_groups(args) -> None:
@@ -242,14 +246,19 @@ def cmd_observer(args) -> None:
 
     cfg, items = planned_items(args.data)
     rows = test_rows(args.data)
-    neg_rows = [r for r in rows if LESION not in findings_of(r) and r[LESION] in ("0", "0.0")]
-    negs = np.stack([read_image(Path(args.data) / r["Path"]) for r in neg_rows]).astype(np.float64)
-    pos_rows = [r for r in rows if LESION in findings_of(r) and findings_of(r)[LESION]["severity"] < args.max_severity]
+    negs = np.stack([read_image(Path(args.data) / r["Path"]) for r in negative_rows(rows)]).astype(np.float64)
+    pos_rows = mild_lesion_rows(rows, below=args.max_severity)
     size = negs.shape[-1]
     half, scale = round(32 * size / 256), size / 256         # a 64 px box at 256 px, the same field at other sizes
     chans = dog_channels(half, scale).reshape(-1, (2 * half) ** 2)
+    # the cache holds one data set's results: refuse one made on another (its size or its images)
     cache = Path(args.cache) if args.cache else None
-    got = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+    key = {"data": str(Path(args.data).resolve()), "size": size}
+    saved = json.loads(cache.read_text()) if cache and cache.is_file() else {**key, "lesions": {}}
+    if {k: saved.get(k) for k in key} != key:
+        raise SystemExit(f"{cache} holds results for {saved.get('data')} at {saved.get('size')} px; "
+                         f"use another --cache for {key['data']} at {size} px")
+    got = saved["lesions"]
     for r in tqdm([r for r in pos_rows if r["Path"] not in got], desc="observer", unit="lesion"):
         it = items[int(Path(r["Path"]).stem)]
         shown = read_image(Path(args.data) / r["Path"]).astype(np.float64)
@@ -268,7 +277,7 @@ def cmd_observer(args) -> None:
         got[r["Path"]] = {"severity": findings_of(r)[LESION]["severity"], "d": d,
                           "observer": rank(float(chans @ shown[box].ravel() @ w), v_neg @ w)}
         if cache:
-            cache.write_text(json.dumps(got))
+            cache.write_text(json.dumps(saved))
     paths = [r["Path"] for r in pos_rows]
     sev, auc, d = (np.array([got[p][k] for p in paths]) for k in ("severity", "observer", "d"))
     judge = None
