@@ -131,9 +131,10 @@ def planned_items(data: str | Path) -> tuple:
     """The example set's config and its planned items by index (the renderer's own plan)."""
     from megamed.data import example as E
 
-    meta = json.loads((Path(data) / "example.json").read_text())
-    cfg = E.ExampleConfig(count=meta["count"], size=meta["size"], bodies=meta["bodies"], seed=meta["seed"],
-                          render_px=meta["render_px"], ct_factor=meta["ct_factor"])
+    try:
+        cfg = E.read_config(data)
+    except ValueError as e:
+        raise SystemExit(str(e))
     E._init_worker(cfg.ct_factor)
     return cfg, {it["index"]: it for it in E.plan(cfg)}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -41,19 +42,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args(argv)
 
-    from megamed.data.findings import FINDINGS_VERSION
-
     data, out = Path(args.data), Path(args.out)
-    if not (data / "example.json").is_file():
-        raise SystemExit(f"{data}: no example.json; DATA must be a set made by `megamed data example`")
+    try:
+        made = E.read_config(data)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    cfg = replace(made, size=args.size, render_px=max(made.render_px, args.size), workers=args.workers)
     old = json.loads((data / "example.json").read_text())
-    if old.get("findings_version") != FINDINGS_VERSION:
-        # another findings version places findings elsewhere: the images would be other patients
-        raise SystemExit(f"{data} was made with findings version {old.get('findings_version')}, this megamed "
-                         f"simulates version {FINDINGS_VERSION}: re-render DATA first")
-    cfg = E.ExampleConfig(count=old["count"], size=args.size, seed=old["seed"], workers=args.workers,
-                          bodies=old["n_bodies"], render_px=max(old["render_px"], args.size),
-                          ct_factor=old["ct_factor"])
     items = E.plan(cfg)
     # the rows DATA wrote are the source of truth for labels/prompts; the plan must agree with them
     src = {r["Path"]: r for r in read_metadata(data)}

@@ -209,3 +209,16 @@ def test_render_item_leave_out_keeps_everything_else():
     assert not np.array_equal(part, full) and not np.array_equal(part, bare)
     with pytest.raises(ValueError, match="not among"):
         example.render_item(it, *args, leave_out=("Edema",))
+
+
+def test_read_config_replans_a_set_and_refuses_another_findings_version(tmp_path):
+    cfg = ExampleConfig(count=3, seed=5, bodies=2, **SMALL)
+    generate(tmp_path, cfg, progress=False)
+    assert example.read_config(tmp_path) == cfg
+    assert plan(example.read_config(tmp_path, size=64)) == plan(cfg)          # the plan does not depend on size
+    meta = json.loads((tmp_path / "example.json").read_text())
+    (tmp_path / "example.json").write_text(json.dumps(dict(meta, findings_version=meta["findings_version"] + 1)))
+    with pytest.raises(ValueError, match="findings version"):
+        example.read_config(tmp_path)
+    with pytest.raises(ValueError, match="no example.json"):
+        example.read_config(tmp_path / "nothing")

@@ -324,6 +324,25 @@ def _claim(out: Path, cfg: ExampleConfig) -> None:
     os.replace(tmp, path)
 
 
+def read_config(out: str | Path, **override) -> ExampleConfig:
+    """The settings an example set was made with (out/example.json, as _claim wrote them), with the
+    fields in override replaced: how tools re-plan or re-render its items. Refuses a set made by
+    another findings version: this megamed would simulate its findings elsewhere, so a re-render
+    would show other patients than its stored images."""
+    from megamed.data.findings import FINDINGS_VERSION
+
+    path = Path(out) / "example.json"
+    if not path.is_file():
+        raise ValueError(f"{out}: no example.json; not a set made by `megamed data example`")
+    saved = json.loads(path.read_text())
+    if saved.get("findings_version") != FINDINGS_VERSION:
+        raise ValueError(f"{out} was made with findings version {saved.get('findings_version')}, this megamed "
+                         f"simulates version {FINDINGS_VERSION}: re-render the set first")
+    fields = dict(count=saved["count"], size=saved["size"], seed=saved["seed"], bodies=saved["n_bodies"],
+                  render_px=saved["render_px"], ct_factor=saved["ct_factor"])
+    return ExampleConfig(**{**fields, **override})
+
+
 def generate(out: str | Path, cfg: ExampleConfig, progress: bool = True) -> int:
     """Render the data set into `out`; returns how many images were rendered (not skipped)."""
     from tqdm import tqdm
