@@ -365,7 +365,7 @@ def generate_dataset(pipe: Pipeline, labels_csv: str | Path, out_dir: str | Path
     """
     from tqdm.auto import tqdm
 
-    from megamed.data.layout import CHEXPERT_COLUMNS, COLUMNS, write_metadata
+    from megamed.data.layout import CHEXPERT_COLUMNS, COLUMNS, image_path, write_metadata
 
     cfg = cfg or SamplingConfig()
     rows = read_label_rows(labels_csv)
@@ -378,7 +378,7 @@ def generate_dataset(pipe: Pipeline, labels_csv: str | Path, out_dir: str | Path
 
     def out_row(i: int, row: dict, prompt: str, s: int) -> dict:
         new = {c: row.get(c, "") for c in CHEXPERT_COLUMNS}
-        new["Path"] = f"images/{i:06d}.png"
+        new["Path"] = image_path(i)
         new["Sex"] = row.get("Sex") or "Unknown"
         new["Age"] = row.get("Age") or "Unknown"
         new.update(split=(row.get("split") or "train"), prompt=prompt, findings=row.get("findings", ""),
@@ -393,7 +393,7 @@ def generate_dataset(pipe: Pipeline, labels_csv: str | Path, out_dir: str | Path
             raise ValueError(f"labels: {labels_csv}:{line}: {e}") from e
     todo, done = [], {}
     for i, (row, prompt) in enumerate(zip(rows, prompts)):
-        path = out_dir / "images" / f"{i:06d}.png"
+        path = out_dir / image_path(i)
         expected = provenance(pipe, cfg, prompt=prompt, seed=seed + i, height=size, width=size)
         if path.is_file() and _expected_text_matches(path, expected):
             done[i] = out_row(i, row, prompt, seed + i)
@@ -409,7 +409,7 @@ def generate_dataset(pipe: Pipeline, labels_csv: str | Path, out_dir: str | Path
                                [seed + i for i in idx], height=size, width=size, cfg=cfg,
                                batch_size=batch_size, device=pipe.device, progress=False)
         for i, image in zip(idx, images):
-            save_image(out_dir / "images" / f"{i:06d}.png", image,
+            save_image(out_dir / image_path(i), image,
                        provenance(pipe, cfg, prompt=prompts[i], seed=seed + i, height=size, width=size))
             done[i] = out_row(i, rows[i], prompts[i], seed + i)
         # after the PNGs: a listed row always has its image

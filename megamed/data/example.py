@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from megamed.data.layout import COLUMNS, OBSERVATIONS, label_str, read_metadata, write_metadata
+from megamed.data.layout import image_path as indexed_image_path
 from megamed.text.prompts import prompt_from_labels
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def make_prompt(labels: dict, findings: dict, view: str) -> str:
 
 def image_path(item: dict) -> str:
     """Where a planned image lies in its set (metadata.csv's Path)."""
-    return f"images/{item['index']:06d}.png"
+    return indexed_image_path(item["index"])
 
 
 def make_row(item: dict) -> dict:

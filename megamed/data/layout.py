@@ -31,6 +31,11 @@ COLUMNS = CHEXPERT_COLUMNS + EXTRA_COLUMNS
 SPLITS = ("train", "val", "test")
 
 
+def image_path(index: int) -> str:
+    """metadata.csv's Path of the index-th image a megamed command writes (relative to DIR)."""
+    return f"images/{index:06d}.png"
+
+
 def label_str(value) -> str:
     """CheXpert cell text for a label value (None/NaN -> blank)."""
     if value is None or value == "" or (isinstance(value, float) and value != value):

@@ -173,7 +173,7 @@ def generate_plan(pipe, plan: list[dict], out_dir: str | Path, cfg: AlignmentCon
     the plan uses seed cfg.seed + plan[i]["j"]. Complete PNGs with matching provenance are kept."""
     from tqdm.auto import tqdm
 
-    from megamed.data.layout import CHEXPERT_COLUMNS, COLUMNS, label_str, write_metadata
+    from megamed.data.layout import CHEXPERT_COLUMNS, COLUMNS, image_path, label_str, write_metadata
     from megamed.generate import _expected_text_matches, provenance, sample_images, save_image
 
     size = cfg.size or pipe.default_resolution
@@ -186,7 +186,7 @@ def generate_plan(pipe, plan: list[dict], out_dir: str | Path, cfg: AlignmentCon
     def row(it: dict) -> dict:
         r = dict.fromkeys(CHEXPERT_COLUMNS, "")
         r.update({o: label_str(v) for o, v in it["labels"].items()})
-        r.update({"Path": f"images/{it['index']:06d}.png", "Sex": "Unknown", "Age": "Unknown",
+        r.update({"Path": image_path(it["index"]), "Sex": "Unknown", "Age": "Unknown",
                   "Frontal/Lateral": "Frontal", "AP/PA": cfg.view, "split": "test", "prompt": it["prompt"],
                   "findings": "", "params": dict(params, seed=cfg.seed + it["j"])})
         return r
@@ -196,7 +196,7 @@ def generate_plan(pipe, plan: list[dict], out_dir: str | Path, cfg: AlignmentCon
 
     done, todo = {}, []
     for it in plan:
-        path = out_dir / "images" / f"{it['index']:06d}.png"
+        path = out_dir / image_path(it["index"])
         if path.is_file() and _expected_text_matches(path, expected(it)):
             done[it["index"]] = row(it)
         else:
@@ -209,7 +209,7 @@ def generate_plan(pipe, plan: list[dict], out_dir: str | Path, cfg: AlignmentCon
                                [cfg.seed + it["j"] for it in batch], height=size, width=size, cfg=scfg,
                                batch_size=cfg.batch_size, device=pipe.device, progress=False)
         for it, image in zip(batch, images):
-            save_image(out_dir / "images" / f"{it['index']:06d}.png", image, expected(it))
+            save_image(out_dir / image_path(it["index"]), image, expected(it))
             done[it["index"]] = row(it)
         # after the PNGs: a listed row always has its image
         write_metadata(out_dir / "metadata.csv", [done[i] for i in sorted(done)], COLUMNS)
@@ -440,6 +440,7 @@ def _write_plan(path: Path, plan: list[dict]) -> None:
 
 
 def _write_predictions(path: Path, plan, probs, sev, side, findings, sides, observations) -> None:
+    from megamed.data.layout import image_path
     from megamed.eval.classifier import FINDING_NAMES
 
     cols = [observations.index(n) for n in FINDING_NAMES]
@@ -450,7 +451,7 @@ def _write_predictions(path: Path, plan, probs, sev, side, findings, sides, obse
                    + [f"p({n})" for n in FINDING_NAMES]
                    + ([f"{n} severity" for n in findings] + [f"{n} side" for n in findings] if sev is not None else []))
         for i, it in enumerate(plan):
-            row = [it["index"], f"generated/images/{it['index']:06d}.png", it["finding"], it["prompt"],
+            row = [it["index"], f"generated/{image_path(it['index'])}", it["finding"], it["prompt"],
                    "" if it["severity"] is None else it["severity"], it["side"]]
             row += [f"{probs[i, c]:.4f}" for c in cols]
             if sev is not None:
