@@ -310,6 +310,185 @@ def cmd_observer(args) -> None:
         f"{lo:.2f}-{min(hi, 1):.2f} {search_auroc(d[m], k):.3f} / {judge[m].mean():.3f}" for lo, hi, m in bands))
 
 
+# -----------------------------------------------------------------------------------------
+# a reader that searches: the same observer at every pixel of the lung fields
+
+SEVERITY_BANDS = ((0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.7), (0.7, 1.01))
+
+
+def channel_maps(images: np.ndarray, chans: np.ndarray) -> np.ndarray:
+    """images [N, H, W], chans [n, 2 half, 2 half] -> [N, n, H, W]: at pixel (y, x), each channel's
+    response over the box rows y-half..y+half-1, columns x-half..x+half-1 (cmd_observer's box with
+    its centre there; zero beyond the image's edge)."""
+    from scipy.signal import fftconvolve
+
+    # a correlation is a convolution with the kernel flipped; "same" keeps the box's alignment
+    # (and the first argument's shape, hence the broadcast)
+    x = np.broadcast_to(images[:, None], (len(images), len(chans)) + images.shape[1:])
+    return fftconvolve(x, chans[None, :, ::-1, ::-1], mode="same", axes=(2, 3))
+
+
+def background_stats(batches) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-pixel mean [n, H, W] and inverse covariance [H, W, n, n] of channel maps ([N, n, H, W]
+    batches of lesion-free images): the background a Hotelling observer whitens at each spot."""
+    s1 = s2 = None
+    count = 0
+    for m in batches:
+        s1 = m.sum(0) if s1 is None else s1 + m.sum(0)
+        outer = np.einsum("bihw,bjhw->hwij", m, m)
+        s2 = outer if s2 is None else s2 + outer
+        count += len(m)
+    if count < 2:
+        raise ValueError(f"background_stats: need at least 2 images, got {count}")
+    mu = s1 / count
+    cov = (s2 - count * np.einsum("ihw,jhw->hwij", mu, mu)) / (count - 1)
+    n = cov.shape[-1]
+    ridge = 1e-9 * np.trace(cov, axis1=-2, axis2=-1)[..., None, None] * np.eye(n) + 1e-30 * np.eye(n)
+    return mu, np.linalg.inv(cov + ridge), count
+
+
+def hotelling_z(maps: np.ndarray, mu: np.ndarray, kinv: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """maps [N, n, H, W], templates [T, n] (a nodule's mean channel response) -> [N, T, H, W]:
+    the Hotelling statistic at every pixel for every template, scaled to unit variance on
+    background there, so that spots with busy and quiet anatomy compete on equal terms."""
+    w = np.einsum("hwij,tj->thwi", kinv, templates)                         # [T, H, W, n]
+    sigma = np.sqrt(np.einsum("thwi,ti->thw", w, templates))                # [T, H, W]
+    return np.einsum("thwi,bihw->bthw", w, maps - mu) / sigma
+
+
+def search_region(centres: np.ndarray, shape: tuple, radius: int) -> np.ndarray:
+    """[H, W] bool: every pixel within `radius` of a nodule centre seen in training ([K, 2] (y, x)),
+    holes filled: where a reader who has seen the training set looks for nodules."""
+    from scipy.ndimage import binary_dilation, binary_fill_holes
+
+    hit = np.zeros(shape, bool)
+    yx = np.clip(np.round(centres).astype(int), 0, np.array(shape) - 1)
+    hit[yx[:, 0], yx[:, 1]] = True
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return binary_fill_holes(binary_dilation(hit, yy ** 2 + xx ** 2 <= radius ** 2))
+
+
+def lesion_centre(row: dict, size: int) -> tuple[float, float]:
+    """(y, x) in pixels of the lesion box in metadata.csv's regions ([x0, y0, x1, y1] fractions)."""
+    x0, y0, x1, y1 = json.loads(row["regions"])[LESION]
+    return 0.5 * (y0 + y1) * size, 0.5 * (x0 + x1) * size
+
+
+def cmd_scan(args) -> None:
+    """The observer of cmd_observer, made to search. Everything it knows comes from the training
+    split: per-pixel background statistics from lesion-free training images, one template per
+    severity band (the mean channel response of that band's training nodules at their box
+    centres), and where nodules lie (their centres, dilated). On the test split every image is
+    scored by its largest unit-variance Hotelling statistic over that region and the templates;
+    the same statistic is also read at the nodule's known centre, and over windows around it,
+    so the cost of not knowing where to look shows step by step."""
+    from tqdm import tqdm
+
+    from megamed.data.images import read_image
+    from megamed.data.layout import read_metadata
+
+    rows = read_metadata(args.data)
+    train, test = [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "test"]
+    read = lambda rs: np.stack([read_image(Path(args.data) / r["Path"]) for r in rs]).astype(np.float64)
+    size = read(test[:1]).shape[-1]
+    half, scale = round(32 * size / 256), size / 256
+    chans = dog_channels(half, scale)
+
+    def maps_of(rs, desc):
+        for i in tqdm(range(0, len(rs), 32), desc=desc, unit="batch", leave=False):
+            yield rs[i:i + 32], channel_maps(read(rs[i:i + 32]), chans)
+
+    rng = np.random.default_rng(0)
+    bg = negative_rows(train)
+    bg = [bg[i] for i in sorted(rng.choice(len(bg), min(args.background, len(bg)), replace=False))]
+    mu, kinv, n_bg = background_stats(m for _, m in maps_of(bg, "background"))
+
+    # templates: the mean background-subtracted response of each band's training nodules
+    pos_train = [r for r in train if LESION in findings_of(r) and r["regions"] and LESION in json.loads(r["regions"])]
+    sums, counts, centres = np.zeros((len(SEVERITY_BANDS), len(chans))), np.zeros(len(SEVERITY_BANDS)), []
+    for rs, m in maps_of(pos_train, "templates"):
+        for r, mi in zip(rs, m):
+            y, x = (int(round(v)) for v in lesion_centre(r, size))
+            y, x = min(y, size - 1), min(x, size - 1)
+            centres.append((y, x))
+            band = band_of(findings_of(r)[LESION]["severity"])
+            sums[band] += mi[:, y, x] - mu[:, y, x]
+            counts[band] += 1
+    if (counts == 0).any():
+        raise SystemExit(f"no training nodule in severity band(s) "
+                         f"{[SEVERITY_BANDS[i] for i in np.nonzero(counts == 0)[0]]}: too few training images")
+    templates = sums / counts[:, None]
+    region = search_region(np.array(centres, float), (size, size), args.radius)
+    n_mild = sum(hi <= MILD for _, hi in SEVERITY_BANDS)
+    print(f"{size} px; background from {n_bg} lesion-free training images; templates from "
+          f"{int(counts.sum())} training nodules ({', '.join(f'{lo}-{min(hi, 1)}: {int(c)}' for (lo, hi), c in zip(SEVERITY_BANDS, counts))}); "
+          f"search region {int(region.sum())} px ({region.mean():.1%} of the image)")
+
+    # every test image: the statistic maps; the negatives' are kept for the windowed comparisons
+    neg_rows = negative_rows(test)
+    pos_rows = [r for r in test if LESION in findings_of(r) and r["regions"] and LESION in json.loads(r["regions"])]
+    keep = {r["Path"] for r in neg_rows} | {r["Path"] for r in pos_rows}
+    z_all, z_mild, z_own = {}, {}, {}
+    for rs, m in maps_of([r for r in test if r["Path"] in keep], "test"):
+        z = hotelling_z(m, mu, kinv, templates).astype(np.float32)             # [B, T, H, W]
+        for r, zi in zip(rs, z):
+            z_all[r["Path"]], z_mild[r["Path"]] = zi.max(0), zi[:n_mild].max(0)
+            z_own[r["Path"]] = zi
+    neg = [r["Path"] for r in neg_rows]
+    zn_own = np.stack([z_own.pop(p) for p in neg])                               # [N-, T, H, W]
+    zn_all, zn_mild = np.stack([z_all[p] for p in neg]), np.stack([z_mild[p] for p in neg])
+    whole_all, whole_mild = zn_all[:, region].max(1), zn_mild[:, region].max(1)
+    windows = tuple(w for w in (8, 16, 32) if w < size // 2)
+    res = []
+    for r in pos_rows:
+        p, sev = r["Path"], findings_of(r)[LESION]["severity"]
+        y, x = (min(int(round(v)), size - 1) for v in lesion_centre(r, size))
+        band = band_of(sev)
+        got = {"path": p, "severity": sev, "known": rank(float(z_own[p][band, y, x]), zn_own[:, band, y, x])}
+        for w in windows:
+            # the search region within w px of the centre (the centre itself always), cropped first
+            y0, y1, x0, x1 = max(y - w, 0), min(y + w + 1, size), max(x - w, 0), min(x + w + 1, size)
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            win = region[y0:y1, x0:x1] & ((yy - y) ** 2 + (xx - x) ** 2 <= w * w)
+            win[y - y0, x - x0] = True
+            got[f"r{w}"] = rank(float(z_all[p][y0:y1, x0:x1][win].max()), zn_all[:, y0:y1, x0:x1][:, win].max(1))
+        got["lungs"] = rank(float(z_all[p][region].max()), whole_all)
+        got["lungs_mild"] = rank(float(z_mild[p][region].max()), whole_mild)
+        got["in_region"] = bool(region[y, x])
+        res.append(got)
+    judge = None
+    if args.pred:
+        prob = read_predictions(args.pred)
+        nj = negatives(test, prob)
+        judge = np.array([rank(prob[Path(r["Path"]).name], nj) for r in pos_rows])
+    cols = ["known"] + [f"r{w}" for w in windows] + ["lungs", "lungs_mild"]
+    head = ["known spot and size"] + [f"within {w} px" for w in windows] + ["whole lungs", "lungs, mild templates"]
+    print(f"AUROC against {len(neg)} test negatives, per severity band (mean of each nodule's rank):")
+    print("| severity | n | " + " | ".join(head) + (" | judge |" if judge is not None else " |"))
+    print("|---" * (len(head) + 2 + (judge is not None)) + "|")
+    sev = np.array([g["severity"] for g in res])
+    for lo, hi in SEVERITY_BANDS + ((0.1, MILD), (0.1, 1.01)):
+        m = (sev >= lo) & (sev < hi)
+        if not m.any():
+            continue
+        cells = [f"{np.mean([g[c] for g, k in zip(res, m) if k]):.3f}" for c in cols]
+        print(f"| {lo:.1f}-{min(hi, 1):.1f} | {int(m.sum())} | " + " | ".join(cells)
+              + (f" | {judge[m].mean():.3f} |" if judge is not None else " |"))
+    print(f"{sum(not g['in_region'] for g in res)} test nodule centres lie outside the search region")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"data": str(Path(args.data).resolve()), "size": size,
+                                               "background": n_bg, "region_px": int(region.sum()),
+                                               "lesions": res}, indent=1))
+
+
+def band_of(severity: float) -> int:
+    """Index into SEVERITY_BANDS (severity is drawn from [0.1, 1])."""
+    for i, (lo, hi) in enumerate(SEVERITY_BANDS):
+        if severity < hi:
+            return i
+    return len(SEVERITY_BANDS) - 1
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -326,8 +505,14 @@ def main(argv=None) -> None:
     o.add_argument("data"), o.add_argument("--max-severity", type=float, default=MILD)
     o.add_argument("--pred", help="a judge's predictions.csv on DATA's test split: its AUROC beside the observer's")
     o.add_argument("--cache", help="JSON of per-lesion results: written as they come, reused when rerun")
+    sc = sub.add_parser("scan")
+    sc.add_argument("data")
+    sc.add_argument("--background", type=int, default=3000, help="lesion-free training images for the statistics")
+    sc.add_argument("--radius", type=int, default=6, help="px around training nodule centres that make the search region")
+    sc.add_argument("--pred", help="a judge's predictions.csv on DATA's test split: its AUROC beside the observer's")
+    sc.add_argument("--json", help="write the per-lesion results here")
     args = ap.parse_args(argv)
-    {"bins": cmd_bins, "groups": cmd_groups, "counterfactual": cmd_counterfactual, "signal": cmd_signal,
+    {"scan": cmd_scan, "bins": cmd_bins, "groups": cmd_groups, "counterfactual": cmd_counterfactual, "signal": cmd_signal,
      "observer": cmd_observer}[args.cmd](args)
 
 
