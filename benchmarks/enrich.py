@@ -105,20 +105,16 @@ def main(argv=None) -> int:
     if (out / "metadata.csv").is_file():
         rows = {r["Path"]: r for r in read_metadata(out)[len(base):]}
     todo = [it for it in items if not (E.png_complete(out / E.image_path(it), cfg.size) and E.image_path(it) in rows)]
-    todo.sort(key=lambda it: (it["body"], it["index"]))     # a worker reuses the body
     by_index = {it["index"]: it for it in items}
     print(f"{len(items)} training images with {args.finding} at severity {args.severity[0]}-{args.severity[1]}, "
           f"{len(items) - len(todo)} already rendered, {len(todo)} to render", file=sys.stderr)
 
-    def save():       # DATA's rows first, unchanged; then the new ones rendered so far, in plan order
-        write_metadata(out, base + [rows[E.image_path(it)] for it in items if E.image_path(it) in rows], COLUMNS)
-
-    task_args = [(it, str(out), cfg.size, cfg.render_px, cfg.seed, True) for it in todo]
-    for n, (i, regions) in enumerate(tqdm(E._run(task_args, cfg), total=len(todo), desc="render"), 1):
+    def finished(i: int, regions: dict) -> None:
         rows[E.image_path(by_index[i])] = dict(E.make_row(by_index[i]), regions=regions)
-        if n % E.SAVE_EVERY == 0:
-            save()
-    save()
+
+    # DATA's rows first, unchanged; then the new ones rendered so far, in plan order
+    E.render_items(out, cfg, todo, finished, save=lambda: write_metadata(
+        out, base + [rows[E.image_path(it)] for it in items if E.image_path(it) in rows], COLUMNS))
     return 0
 
 

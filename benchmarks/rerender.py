@@ -18,8 +18,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm import tqdm
-
 import megamed.data.example as E
 from megamed.data.layout import COLUMNS, SPLITS, read_metadata, write_metadata
 
@@ -70,20 +68,15 @@ def main(argv=None) -> int:
     if (out / "metadata.csv").is_file():
         rows = {r["Path"]: dict(r, regions=json.loads(r["regions"] or "{}")) for r in read_metadata(out)}
     todo = [it for it in chosen if not (E.png_complete(out / E.image_path(it), cfg.size) and E.image_path(it) in rows)]
-    todo.sort(key=lambda it: (it["body"], it["index"]))     # a worker reuses the body
     print(f"{len(chosen)} images chosen, {len(chosen) - len(todo)} already rendered, {len(todo)} to render",
           file=sys.stderr)
 
-    def save():
-        write_metadata(out, [rows[E.image_path(it)] for it in chosen if E.image_path(it) in rows], COLUMNS)
-
-    task_args = [(it, str(out), cfg.size, cfg.render_px, cfg.seed, True) for it in todo]
-    for n, (i, regions) in enumerate(tqdm(E._run(task_args, cfg), total=len(todo), desc="render"), 1):
+    def finished(i: int, regions: dict) -> None:
         path = E.image_path({"index": i})
         rows[path] = dict(src[path], regions=regions)
-        if n % E.SAVE_EVERY == 0:
-            save()
-    save()
+
+    E.render_items(out, cfg, todo, finished, save=lambda: write_metadata(
+        out, [rows[E.image_path(it)] for it in chosen if E.image_path(it) in rows], COLUMNS))
     return 0
 
 

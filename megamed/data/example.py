@@ -346,8 +346,6 @@ def read_config(out: str | Path, **override) -> ExampleConfig:
 
 def generate(out: str | Path, cfg: ExampleConfig, progress: bool = True) -> int:
     """Render the data set into `out`; returns how many images were rendered (not skipped)."""
-    from tqdm import tqdm
-
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     _claim(out, cfg)
@@ -368,25 +366,38 @@ def generate(out: str | Path, cfg: ExampleConfig, progress: bool = True) -> int:
             done.add(it["index"])
         else:
             regions_only.append(it)
-    todo = sorted(render + regions_only, key=lambda it: (it["body"], it["index"]))   # a worker reuses the body
     log.info("%d images planned, %d already rendered, %d to render, %d to compute regions for",
              len(items), len(done) + len(regions_only), len(render), len(regions_only))
 
-    def save():
-        write_metadata(out, [rows[i] for i in sorted(done)], COLUMNS)
-
-    is_render = {it["index"] for it in render}
-    args = [(it, str(out), cfg.size, cfg.render_px, cfg.seed, it["index"] in is_render) for it in todo]
-    bar = tqdm(total=len(items), initial=len(done), desc="render", unit="img", disable=not progress)
-    for n, (i, regions) in enumerate(_run(args, cfg), 1):
+    def finished(i: int, regions: dict) -> None:
         rows[i]["regions"] = regions
         done.add(i)
+
+    render_items(out, cfg, render, finished, save=lambda: write_metadata(out, [rows[i] for i in sorted(done)], COLUMNS),
+                 regions_only=regions_only, total=len(items), progress=progress)
+    return len(render)
+
+
+def render_items(out: str | Path, cfg: ExampleConfig, items: list[dict], finished, save, regions_only: list[dict] = (),
+                 total: int | None = None, progress: bool = True) -> None:
+    """Render planned items into OUT/images at cfg's size on cfg.workers processes (and only the
+    regions of regions_only), calling finished(index, regions) as each comes back and save()
+    every SAVE_EVERY images and at the end, so a killed run keeps what it finished. The progress
+    bar counts up to total (default: the items), starting from what is already done."""
+    from tqdm import tqdm
+
+    todo = sorted([*items, *regions_only], key=lambda it: (it["body"], it["index"]))   # a worker reuses the body
+    is_render = {it["index"] for it in items}
+    args = [(it, str(out), cfg.size, cfg.render_px, cfg.seed, it["index"] in is_render) for it in todo]
+    total = len(todo) if total is None else total
+    bar = tqdm(total=total, initial=total - len(todo), desc="render", unit="img", disable=not progress)
+    for n, (i, regions) in enumerate(_run(args, cfg), 1):
+        finished(i, regions)
         bar.update()
         if n % SAVE_EVERY == 0:
             save()
     bar.close()
     save()
-    return len(render)
 
 
 # -----------------------------------------------------------------------------------------
