@@ -65,7 +65,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from megamed.data.findings import FINDINGS
+    from megamed.data.findings import FINDINGS, FINDINGS_VERSION
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(str(e))
     settings = {"enriched": str(data.resolve()), "finding": args.finding, "severity": list(args.severity),
-                "extra": args.extra, "findings_version": json.loads((data / "example.json").read_text())["findings_version"]}
+                "extra": args.extra, "findings_version": FINDINGS_VERSION}      # read_config refused any other
     if (out / "enrich.json").is_file() and json.loads((out / "enrich.json").read_text()) != settings:
         raise SystemExit(f"{out} was enriched with other settings ({out / 'enrich.json'}); use another OUT")
     base = read_metadata(data)

@@ -316,6 +316,15 @@ def cmd_observer(args) -> None:
 SEVERITY_BANDS = ((0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.7), (0.7, 1.01))
 
 
+def band_of(severity: float) -> int:
+    """Index into SEVERITY_BANDS (severity is drawn from [0.1, 1])."""
+    for i, (lo, hi) in enumerate(SEVERITY_BANDS):
+        if severity < hi:
+            return i
+    return len(SEVERITY_BANDS) - 1
+
+
+
 def channel_maps(images: np.ndarray, chans: np.ndarray) -> np.ndarray:
     """images [N, H, W], chans [n, 2 half, 2 half] -> [N, n, H, W]: at pixel (y, x), each channel's
     response over the box rows y-half..y+half-1, columns x-half..x+half-1 (cmd_observer's box with
@@ -368,10 +377,16 @@ def search_region(centres: np.ndarray, shape: tuple, radius: int) -> np.ndarray:
     return binary_fill_holes(binary_dilation(hit, yy ** 2 + xx ** 2 <= radius ** 2))
 
 
-def lesion_centre(row: dict, size: int) -> tuple[float, float]:
-    """(y, x) in pixels of the lesion box in metadata.csv's regions ([x0, y0, x1, y1] fractions)."""
+def boxed_lesion_rows(rows: list[dict]) -> list[dict]:
+    """The rows with a lung lesion whose box metadata.csv's regions records."""
+    return [r for r in rows if LESION in findings_of(r) and LESION in json.loads(r["regions"] or "{}")]
+
+
+def lesion_centre(row: dict, size: int) -> tuple[int, int]:
+    """(y, x), the pixel at the centre of the lesion box in metadata.csv's regions ([x0, y0, x1, y1]
+    fractions of a size x size image)."""
     x0, y0, x1, y1 = json.loads(row["regions"])[LESION]
-    return 0.5 * (y0 + y1) * size, 0.5 * (x0 + x1) * size
+    return tuple(min(int(round(0.5 * (a + b) * size)), size - 1) for a, b in ((y0, y1), (x0, x1)))
 
 
 def cmd_scan(args) -> None:
@@ -404,12 +419,10 @@ def cmd_scan(args) -> None:
     mu, kinv, n_bg = background_stats(m for _, m in maps_of(bg, "background"))
 
     # templates: the mean background-subtracted response of each band's training nodules
-    pos_train = [r for r in train if LESION in findings_of(r) and r["regions"] and LESION in json.loads(r["regions"])]
     sums, counts, centres = np.zeros((len(SEVERITY_BANDS), len(chans))), np.zeros(len(SEVERITY_BANDS)), []
-    for rs, m in maps_of(pos_train, "templates"):
+    for rs, m in maps_of(boxed_lesion_rows(train), "templates"):
         for r, mi in zip(rs, m):
-            y, x = (int(round(v)) for v in lesion_centre(r, size))
-            y, x = min(y, size - 1), min(x, size - 1)
+            y, x = lesion_centre(r, size)
             centres.append((y, x))
             band = band_of(findings_of(r)[LESION]["severity"])
             sums[band] += mi[:, y, x] - mu[:, y, x]
@@ -424,36 +437,31 @@ def cmd_scan(args) -> None:
           f"{int(counts.sum())} training nodules ({', '.join(f'{lo}-{min(hi, 1)}: {int(c)}' for (lo, hi), c in zip(SEVERITY_BANDS, counts))}); "
           f"search region {int(region.sum())} px ({region.mean():.1%} of the image)")
 
-    # every test image: the statistic maps; the negatives' are kept for the windowed comparisons
-    neg_rows = negative_rows(test)
-    pos_rows = [r for r in test if LESION in findings_of(r) and r["regions"] and LESION in json.loads(r["regions"])]
-    keep = {r["Path"] for r in neg_rows} | {r["Path"] for r in pos_rows}
-    z_all, z_mild, z_own = {}, {}, {}
-    for rs, m in maps_of([r for r in test if r["Path"] in keep], "test"):
-        z = hotelling_z(m, mu, kinv, templates).astype(np.float32)             # [B, T, H, W]
-        for r, zi in zip(rs, z):
-            z_all[r["Path"]], z_mild[r["Path"]] = zi.max(0), zi[:n_mild].max(0)
-            z_own[r["Path"]] = zi
+    # every test negative and nodule: the statistic maps of every template [T, H, W]
+    neg_rows, pos_rows = negative_rows(test), boxed_lesion_rows(test)
+    z = {}
+    for rs, m in maps_of(neg_rows + pos_rows, "test"):
+        z.update(zip((r["Path"] for r in rs), hotelling_z(m, mu, kinv, templates).astype(np.float32)))
     neg = [r["Path"] for r in neg_rows]
-    zn_own = np.stack([z_own.pop(p) for p in neg])                               # [N-, T, H, W]
-    zn_all, zn_mild = np.stack([z_all[p] for p in neg]), np.stack([z_mild[p] for p in neg])
-    whole_all, whole_mild = zn_all[:, region].max(1), zn_mild[:, region].max(1)
+    zn = np.stack([z.pop(p) for p in neg])                                        # [N-, T, H, W]
+    zn_all = zn.max(1)                                                            # any template [N-, H, W]
+    whole_all, whole_mild = zn_all[:, region].max(1), zn[:, :n_mild].max(1)[:, region].max(1)
     windows = tuple(w for w in (8, 16, 32) if w < size // 2)
     res = []
     for r in pos_rows:
         p, sev = r["Path"], findings_of(r)[LESION]["severity"]
-        y, x = (min(int(round(v)), size - 1) for v in lesion_centre(r, size))
-        band = band_of(sev)
-        got = {"path": p, "severity": sev, "known": rank(float(z_own[p][band, y, x]), zn_own[:, band, y, x])}
+        (y, x), band, zp = lesion_centre(r, size), band_of(sev), z[p]
+        got = {"path": p, "severity": sev, "known": rank(float(zp[band, y, x]), zn[:, band, y, x])}
+        zp_all = zp.max(0)
         for w in windows:
             # the search region within w px of the centre (the centre itself always), cropped first
             y0, y1, x0, x1 = max(y - w, 0), min(y + w + 1, size), max(x - w, 0), min(x + w + 1, size)
             yy, xx = np.mgrid[y0:y1, x0:x1]
             win = region[y0:y1, x0:x1] & ((yy - y) ** 2 + (xx - x) ** 2 <= w * w)
             win[y - y0, x - x0] = True
-            got[f"r{w}"] = rank(float(z_all[p][y0:y1, x0:x1][win].max()), zn_all[:, y0:y1, x0:x1][:, win].max(1))
-        got["lungs"] = rank(float(z_all[p][region].max()), whole_all)
-        got["lungs_mild"] = rank(float(z_mild[p][region].max()), whole_mild)
+            got[f"r{w}"] = rank(float(zp_all[y0:y1, x0:x1][win].max()), zn_all[:, y0:y1, x0:x1][:, win].max(1))
+        got["lungs"] = rank(float(zp_all[region].max()), whole_all)
+        got["lungs_mild"] = rank(float(zp[:n_mild].max(0)[region].max()), whole_mild)
         got["in_region"] = bool(region[y, x])
         res.append(got)
     judge = None
@@ -479,14 +487,6 @@ def cmd_scan(args) -> None:
         Path(args.json).write_text(json.dumps({"data": str(Path(args.data).resolve()), "size": size,
                                                "background": n_bg, "region_px": int(region.sum()),
                                                "lesions": res}, indent=1))
-
-
-def band_of(severity: float) -> int:
-    """Index into SEVERITY_BANDS (severity is drawn from [0.1, 1])."""
-    for i, (lo, hi) in enumerate(SEVERITY_BANDS):
-        if severity < hi:
-            return i
-    return len(SEVERITY_BANDS) - 1
 
 
 def main(argv=None) -> None:
